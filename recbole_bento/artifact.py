@@ -1,0 +1,266 @@
+"""The stored model format: plain files that load without unpickling anything.
+
+Layout of an artifact directory (one BentoML model)::
+
+    weights.pt           tensors-only state dict, loads with torch.load(weights_only=True)
+    config.json          the RecBole config (enums tagged, the device dropped)
+    dataset.json         what model constructors read from a Dataset: field sizes and types
+    item_tokens.json     external item ids in RecBole's internal order; index 0 is [PAD]
+    user_tokens.json     the same for users (only for models that read a user id)
+    item_popularity.npy  interactions per item in the training split (popularity fallback)
+
+Nothing in it grows with the number of interactions.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import ModelSpec, spec_for
+
+WEIGHTS = "weights.pt"
+CONFIG = "config.json"
+DATASET = "dataset.json"
+ITEM_TOKENS = "item_tokens.json"
+USER_TOKENS = "user_tokens.json"
+POPULARITY = "item_popularity.npy"
+
+_ENUM_TAG = "__recbole_enum__"
+
+
+class ArtifactError(ValueError):
+    """The stored model is incomplete, altered, or does not describe a servable model."""
+
+
+class ServingConfig(dict):
+    """A RecBole Config stand-in: ``config[key]`` is None for a missing key, as in RecBole."""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.get(key)
+
+    @property
+    def final_config_dict(self) -> dict[str, Any]:
+        return self
+
+
+class DatasetStub:
+    """What RecBole model constructors read from a Dataset, restored from dataset.json."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        from recbole.utils import FeatureType
+
+        self.uid_field: str = info["uid_field"]
+        self.iid_field: str = info["iid_field"]
+        self.field2seqlen: dict[str, int] = info["field2seqlen"]
+        self.field2type = {k: FeatureType[v] for k, v in info["field2type"].items()}
+        self._num: dict[str, int] = info["field_num"]
+
+    def num(self, field: str) -> int:
+        if field not in self._num:
+            raise ArtifactError(f"the stored dataset description has no field {field!r}")
+        return self._num[field]
+
+    @property
+    def user_num(self) -> int:
+        return self.num(self.uid_field)
+
+    @property
+    def item_num(self) -> int:
+        return self.num(self.iid_field)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return {_ENUM_TAG: type(value).__name__, "name": value.name}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+def config_to_json(config: Any) -> dict[str, Any]:
+    """RecBole Config -> JSON-able dict; values that are not data (device, classes) are dropped."""
+    out = {}
+    for key, value in config.final_config_dict.items():
+        try:
+            out[key] = _encode(value)
+        except TypeError:
+            continue
+    return out
+
+
+def _decode(value: Any) -> Any:
+    import recbole.utils.enum_type as enum_type
+
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if _ENUM_TAG in value:
+            enum_cls = getattr(enum_type, value[_ENUM_TAG], None)
+            if not (isinstance(enum_cls, type) and issubclass(enum_cls, enum.Enum)):
+                raise ArtifactError(f"config.json names an unknown enum {value[_ENUM_TAG]!r}")
+            return enum_cls[value["name"]]
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def dataset_info(dataset: Any) -> dict[str, Any]:
+    """The small description of a RecBole Dataset that model constructors need."""
+    field_num = {}
+    for field in dataset.field2type:
+        try:
+            field_num[field] = int(dataset.num(field))
+        except (ValueError, KeyError):
+            continue
+    return {
+        "uid_field": dataset.uid_field,
+        "iid_field": dataset.iid_field,
+        "field2seqlen": {k: int(v) for k, v in dataset.field2seqlen.items()},
+        "field2type": {k: v.name for k, v in dataset.field2type.items()},
+        "field_num": field_num,
+    }
+
+
+def training_item_counts(dataset: Any) -> np.ndarray:
+    """Interactions per internal item id in the training split (what RecBole's Pop model counts)."""
+    train = dataset.build()[0]
+    items = train.inter_feat[dataset.iid_field].numpy()
+    return np.bincount(items, minlength=dataset.item_num).astype(np.int64)
+
+
+def _tensors_only(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ArtifactError(f"state_dict entry {key!r} is not a tensor")
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def write_artifact(directory: Path, checkpoint: dict[str, Any], dataset: Any) -> None:
+    """Write the artifact files for a checkpoint and the Dataset it was trained on."""
+    directory = Path(directory)
+    config = checkpoint["config"]
+    state = _tensors_only(checkpoint["state_dict"])
+    other = checkpoint.get("other_parameter") or {}
+    for key, value in other.items():
+        if not isinstance(value, torch.Tensor):
+            raise ArtifactError(f"other_parameter {key!r} is not a tensor and cannot be stored")
+        state[f"__other__.{key}"] = value.detach().cpu().contiguous()
+    torch.save(state, directory / WEIGHTS)
+    (directory / CONFIG).write_text(json.dumps(config_to_json(config), indent=1, sort_keys=True))
+    (directory / DATASET).write_text(json.dumps(dataset_info(dataset), indent=1, sort_keys=True))
+    items = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
+    (directory / ITEM_TOKENS).write_text(json.dumps(items))
+    if spec_for(config["model"]).needs_user:
+        users = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
+        (directory / USER_TOKENS).write_text(json.dumps(users))
+    np.save(directory / POPULARITY, training_item_counts(dataset), allow_pickle=False)
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file in the artifact directory, by file name."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).iterdir())
+        if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Artifact:
+    """A stored model, loaded and verified, ready for the engine and the public service."""
+
+    path: Path
+    config: ServingConfig
+    dataset: DatasetStub
+    spec: ModelSpec
+    item_tokens: list[str]
+    user_tokens: list[str] | None
+    popularity: np.ndarray
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.name
+
+    @property
+    def item_seq_field(self) -> str:
+        return self.config["ITEM_ID_FIELD"] + self.config["LIST_SUFFIX"]
+
+    @property
+    def item_seq_len_field(self) -> str:
+        return self.config["ITEM_LIST_LENGTH_FIELD"]
+
+    @property
+    def window(self) -> int:
+        return int(self.config["MAX_ITEM_LIST_LENGTH"])
+
+
+def verify_digests(directory: Path, expected: dict[str, str]) -> None:
+    """Raise ArtifactError naming the first stored file whose sha256 differs from the import's."""
+    if not expected:
+        raise ArtifactError("the model metadata records no file digests; re-import the model")
+    actual = file_digests(directory)
+    for name, digest in sorted(expected.items()):
+        if name not in actual:
+            raise ArtifactError(f"integrity check failed: stored file {name} is missing")
+        if actual[name] != digest:
+            raise ArtifactError(
+                f"integrity check failed: stored file {name} does not match the sha256 "
+                "recorded at import"
+            )
+
+
+def load_artifact(
+    directory: Path, digests: dict[str, str] | None = None, *, load_weights: bool = True
+) -> Artifact:
+    """Load an artifact directory; with *digests*, verify every file against them first."""
+    directory = Path(directory)
+    if digests is not None:
+        verify_digests(directory, digests)
+    try:
+        raw_config = json.loads((directory / CONFIG).read_text())
+        info = json.loads((directory / DATASET).read_text())
+        item_tokens = json.loads((directory / ITEM_TOKENS).read_text())
+        user_path = directory / USER_TOKENS
+        user_tokens = json.loads(user_path.read_text()) if user_path.exists() else None
+        popularity = np.load(directory / POPULARITY, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot read the stored model in {directory}: {exc}") from exc
+    config = ServingConfig({k: _decode(v) for k, v in raw_config.items()})
+    spec = spec_for(config["model"])
+    state = (
+        torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
+        if load_weights
+        else {}
+    )
+    return Artifact(
+        path=directory,
+        config=config,
+        dataset=DatasetStub(info),
+        spec=spec,
+        item_tokens=item_tokens,
+        user_tokens=user_tokens,
+        popularity=popularity,
+        state_dict=state,
+    )

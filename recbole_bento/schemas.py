@@ -1,0 +1,51 @@
+"""The public HTTP API's request and response bodies (pydantic: a validation failure is a 400)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from .settings import Settings
+
+SETTINGS = Settings.from_env()
+
+ItemId = Annotated[
+    StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=SETTINGS.max_id_length)],
+    Field(description="an external id as in the atomic files: JSON string or integer"),
+]
+IdList = Annotated[list[ItemId], Field(max_length=SETTINGS.max_history)]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sequence: IdList = Field(description="the item history, oldest first")
+    topk: StrictInt = Field(10, ge=1, le=SETTINGS.max_topk, description="how many items to return")
+    user_id: ItemId | None = Field(None, description="needed by models that read a user id")
+    exclude_seen: StrictBool = Field(False, description="drop the history's items from the result")
+    exclude: IdList = Field(default_factory=list, description="items never to return")
+    candidates: IdList | None = Field(None, description="if set, only these items may be returned")
+
+
+class RecommendResponse(BaseModel):
+    item_list: list[str] = Field(description="external item ids, best first")
+    score_list: list[float] = Field(
+        description="the model's scores (popularity counts on fallback)"
+    )
+    unknown_items: list[str] = Field(description="history items the model does not know (skipped)")
+    fallback: Literal["popular"] | None = Field(
+        description='"popular" when no known history item (or user) was left to rank with'
+    )
+
+
+class ModelInfo(BaseModel):
+    tag: str
+    recbole_model: str
+    dataset: str
+    item_count: int
+    max_history_length: int
+    required_inputs: list[str]
+    device: str
+    metrics: dict[str, float | str | None]
+    limits: dict[str, int]

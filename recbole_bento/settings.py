@@ -1,0 +1,40 @@
+"""Every serving limit in one place. Each field reads ``RECBOLE_BENTO_<FIELD>`` from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # model store tag (name or name:version); unset = newest import
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; unset = CUDA when available
+    max_history: int = 10_000  # longer histories are refused (the model sees its window anyway)
+    max_topk: int = 1000
+    max_batch_requests: int = 256  # entries in one /recommend_batch body
+    max_id_length: int = 256  # characters in one item/user id
+    max_batch_size: int = 64  # adaptive batching: sequences per model call
+    max_latency_ms: int = 10_000  # adaptive batching: a request waits at most this long in total
+    torch_threads: int = 0  # intra-op threads of the model worker; 0 = torch's default
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"RECBOLE_BENTO_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = raw if f.type == "str | None" else _positive_int(f.name, raw)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"RECBOLE_BENTO_{name.upper()}={raw!r} is not an integer") from None
+    if value < 0:
+        raise ValueError(f"RECBOLE_BENTO_{name.upper()}={raw!r} must be >= 0")
+    return value

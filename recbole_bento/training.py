@@ -1,0 +1,119 @@
+"""Train a small RecBole model the way RecBole users do (Config, create_dataset,
+data_preparation, get_model, get_trainer), for the demo, the tests and the benchmarks.
+
+    python -m recbole_bento.training --model SASRec --out demo/            # ml-100k shipped with recbole
+
+Writes the Trainer's checkpoint and the cloudpickled Dataset, and prints both paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import recbole
+
+RECBOLE_DATASETS = Path(recbole.__file__).parent / "dataset_example"
+
+SMALL = {  # seconds on 2 cores, good enough to rank sensibly
+    "MAX_ITEM_LIST_LENGTH": 20,
+    "n_layers": 1,
+    "n_heads": 1,
+    "hidden_size": 32,
+    "inner_size": 64,
+    "embedding_size": 32,
+    "train_batch_size": 512,
+    "eval_batch_size": 4096,
+    "epochs": 1,
+    "train_neg_sample_args": None,
+    "loss_type": "CE",
+}
+
+
+@dataclass
+class Trained:
+    checkpoint: Path
+    dataset_pickle: Path
+    config: Any
+    dataset: Any
+    model: Any
+    test_data: Any
+    trainer: Any
+
+
+def train(
+    model: str,
+    out_dir: Path,
+    dataset: str = "ml-100k",
+    data_path: Path = RECBOLE_DATASETS,
+    overrides: dict[str, Any] | None = None,
+) -> Trained:
+    """Train *model* and save what RecBole users have after training: checkpoint + dataset pickle."""
+    import cloudpickle
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = {
+        **SMALL,
+        "data_path": str(data_path),
+        "checkpoint_dir": str(out_dir),
+        "show_progress": False,
+        "state": "WARNING",
+        "use_gpu": False,
+        "device": "cpu",
+        "worker": 0,
+        "save_dataset": False,
+        "save_dataloaders": False,
+        **(overrides or {}),
+    }
+    config = Config(model=model, dataset=dataset, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    logging.getLogger().setLevel(logging.WARNING)
+    ds = create_dataset(config)
+    dataset_pickle = out_dir / f"{dataset}-{model}-dataset.pkl"
+    with open(dataset_pickle, "wb") as f:
+        cloudpickle.dump(ds, f)
+    train_data, valid_data, test_data = data_preparation(config, ds)
+    net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+    trainer.saved_model_file = str(out_dir / f"{model}.pth")
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
+    return Trained(
+        Path(trainer.saved_model_file), dataset_pickle, config, ds, net, test_data, trainer
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="SASRec")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--data-path", type=Path, default=RECBOLE_DATASETS)
+    parser.add_argument("--out", type=Path, default=Path("demo"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config also parses sys.argv
+    size = {
+        "epochs": args.epochs,
+        "hidden_size": args.hidden_size,
+        "inner_size": 2 * args.hidden_size,
+        "embedding_size": args.hidden_size,
+    }
+    trained = train(args.model, args.out, args.dataset, args.data_path, size)
+    print(trained.checkpoint)
+    print(trained.dataset_pickle)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    main()

@@ -1,0 +1,188 @@
+"""BentoML services: a public API (validation, id mapping, filters, popularity fallback) in front
+of a batchable ranking service that runs the RecBole model.
+
+    RECBOLE_BENTO_MODEL=<name[:version]> bentoml serve .     # unset: the newest imported model
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import InvalidArgument
+from bentoml.models import BentoModel
+
+from recbole_bento import store
+from recbole_bento.engine import Engine, RankQuery, RankResult
+from recbole_bento.schemas import SETTINGS, ModelInfo, RecommendRequest, RecommendResponse
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
+logger = logging.getLogger("recbole_bento")
+MODEL_TAG = str(store.resolve(SETTINGS.model).tag)
+
+
+@bentoml.service(
+    name="recbole_ranker",
+    workers=1,
+    # BentoML closes a pooled runner connection after max_requests/max_age while other requests
+    # may still be in flight on it (upstream issue 5540): never recycle.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
+    traffic={"timeout": 60},
+)
+class Ranker:
+    """Scores whole batches of histories with the model's own full_sort_predict."""
+
+    stored_model = BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        import torch
+
+        if SETTINGS.torch_threads:
+            torch.set_num_threads(SETTINGS.torch_threads)
+        self.engine = Engine(store.load(self.stored_model), device=SETTINGS.device)
+        logger.info("loaded %s on %s", MODEL_TAG, self.engine.device)
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def rank(self, queries: list[RankQuery]) -> list[RankResult]:
+        return self.engine.rank(queries)
+
+    @bentoml.api
+    def device(self) -> str:
+        return str(self.engine.device)
+
+
+@bentoml.service(name="recbole_recommender", traffic={"timeout": 60})
+class Recommender:
+    """Public API. Everything a request can get wrong is refused here, before batching."""
+
+    stored_model = BentoModel(MODEL_TAG)
+    ranker = bentoml.depends(Ranker)
+
+    def __init__(self) -> None:
+        stored = self.stored_model
+        artifact = store.load(stored, load_weights=False)
+        self.metadata = dict(stored.info.metadata)
+        self.spec = artifact.spec
+        self.item_tokens = artifact.item_tokens
+        self.item_ids = {token: i for i, token in enumerate(artifact.item_tokens) if i}
+        self.user_ids = (
+            {token: i for i, token in enumerate(artifact.user_tokens) if i}
+            if artifact.user_tokens
+            else {}
+        )
+        counts = artifact.popularity.astype(np.float64)
+        counts[0] = -1.0
+        self.popular = [int(i) for i in np.argsort(-counts, kind="stable") if i != 0]
+        self.popularity = counts
+        self.n_items = len(artifact.item_tokens) - 1
+        self.max_topk = min(SETTINGS.max_topk, self.n_items)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _known(self, ids: list[int | str]) -> list[int]:
+        return [self.item_ids[str(x)] for x in ids if str(x) in self.item_ids]
+
+    def _plan(self, req: RecommendRequest) -> tuple[RankQuery | None, list[str]]:
+        """Validate one request and map it to internal ids; None query = popularity fallback."""
+        if req.topk > self.max_topk:
+            raise InvalidArgument(f"topk must be between 1 and {self.max_topk}, got {req.topk}")
+        history, unknown = [], []
+        for raw in req.sequence:
+            internal = self.item_ids.get(str(raw))
+            if internal is None:
+                unknown.append(str(raw))
+            else:
+                history.append(internal)
+        user = None
+        if self.spec.needs_user:
+            if req.user_id is None:
+                raise InvalidArgument(
+                    f"{self.spec.name} needs a user_id: it ranks with the user's embedding"
+                )
+            user = self.user_ids.get(str(req.user_id))
+        exclude = self._known(req.exclude)
+        if req.exclude_seen:
+            exclude = exclude + history
+        candidates = None if req.candidates is None else self._known(req.candidates)
+        query = RankQuery(history, req.topk, user, exclude, candidates)
+        if not history or (self.spec.needs_user and user is None):
+            return None, unknown
+        return query, unknown
+
+    def _popular(self, req: RecommendRequest, history: list[int]) -> RankResult:
+        excluded = set(self._known(req.exclude)) | (set(history) if req.exclude_seen else set())
+        if req.candidates is not None:
+            pool = sorted(set(self._known(req.candidates)), key=lambda i: -self.popularity[i])
+        else:
+            pool = self.popular
+        items = [i for i in pool if i not in excluded][: req.topk] if excluded else pool[: req.topk]
+        return RankResult(items, [float(self.popularity[i]) for i in items])
+
+    def _response(
+        self, result: RankResult, unknown: list[str], fallback: bool
+    ) -> RecommendResponse:
+        return RecommendResponse(
+            item_list=[self.item_tokens[i] for i in result.items],
+            score_list=result.scores,
+            unknown_items=unknown,
+            fallback="popular" if fallback else None,
+        )
+
+    async def _answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
+        plans = [self._plan(r) for r in requests]  # raises before anything is batched
+        to_rank = [q for q, _ in plans if q is not None]
+        ranked = iter(await self.ranker.to_async.rank(to_rank) if to_rank else [])
+        out = []
+        for req, (query, unknown) in zip(requests, plans, strict=False):
+            if query is None:
+                history = self._known(req.sequence)
+                out.append(self._response(self._popular(req, history), unknown, True))
+            else:
+                out.append(self._response(next(ranked), unknown, False))
+        return out
+
+    # ------------------------------------------------------------------ API
+
+    @bentoml.api(input_spec=RecommendRequest)
+    async def recommend(self, **fields: object) -> RecommendResponse:
+        """Top-k next items for one history."""
+        return (await self._answer([RecommendRequest.model_validate(fields)]))[0]
+
+    @bentoml.api
+    async def recommend_batch(
+        self, requests: list[RecommendRequest]
+    ) -> dict[str, list[RecommendResponse]]:
+        """Several /recommend bodies in one call; results come back in the same order."""
+        if len(requests) > SETTINGS.max_batch_requests:
+            raise InvalidArgument(
+                f"at most {SETTINGS.max_batch_requests} requests per batch, got {len(requests)}"
+            )
+        return {"results": await self._answer(requests)}
+
+    @bentoml.api
+    async def model_info(self) -> ModelInfo:
+        """What is being served: tag, model, dataset, sizes, inputs, import-time metrics."""
+        return ModelInfo(
+            tag=MODEL_TAG,
+            recbole_model=self.spec.name,
+            dataset=self.metadata["dataset"],
+            item_count=self.n_items,
+            max_history_length=self.metadata["max_history_length"],
+            required_inputs=self.spec.required_inputs,
+            device=await self.ranker.to_async.device(),
+            metrics={
+                "valid_metric": self.metadata.get("valid_metric"),
+                "best_valid_score": self.metadata.get("best_valid_score"),
+            },
+            limits={
+                "max_history": SETTINGS.max_history,
+                "max_topk": self.max_topk,
+                "max_batch_requests": SETTINGS.max_batch_requests,
+            },
+        )
