@@ -72,9 +72,7 @@ class Recommender:
         self.item_tokens = artifact.item_tokens
         self.item_ids = {token: i for i, token in enumerate(artifact.item_tokens) if i}
         self.user_ids = (
-            {token: i for i, token in enumerate(artifact.user_tokens) if i}
-            if artifact.user_tokens
-            else {}
+            {token: i for i, token in enumerate(artifact.user_tokens) if i} if artifact.user_tokens else {}
         )
         counts = artifact.popularity.astype(np.float64)
         counts[0] = -1.0
@@ -102,9 +100,7 @@ class Recommender:
         user = None
         if self.spec.needs_user:
             if req.user_id is None:
-                raise InvalidArgument(
-                    f"{self.spec.name} needs a user_id: it ranks with the user's embedding"
-                )
+                raise InvalidArgument(f"{self.spec.name} needs a user_id: it ranks with the user's embedding")
             user = self.user_ids.get(str(req.user_id))
         exclude = self._known(req.exclude)
         if req.exclude_seen:
@@ -124,9 +120,7 @@ class Recommender:
         items = [i for i in pool if i not in excluded][: req.topk] if excluded else pool[: req.topk]
         return RankResult(items, [float(self.popularity[i]) for i in items])
 
-    def _response(
-        self, result: RankResult, unknown: list[str], fallback: bool
-    ) -> RecommendResponse:
+    def _response(self, result: RankResult, unknown: list[str], fallback: bool) -> RecommendResponse:
         return RecommendResponse(
             item_list=[self.item_tokens[i] for i in result.items],
             score_list=result.scores,
@@ -155,9 +149,7 @@ class Recommender:
         return (await self._answer([RecommendRequest.model_validate(fields)]))[0]
 
     @bentoml.api
-    async def recommend_batch(
-        self, requests: list[RecommendRequest]
-    ) -> dict[str, list[RecommendResponse]]:
+    async def recommend_batch(self, requests: list[RecommendRequest]) -> dict[str, list[RecommendResponse]]:
         """Several /recommend bodies in one call; results come back in the same order."""
         if len(requests) > SETTINGS.max_batch_requests:
             raise InvalidArgument(

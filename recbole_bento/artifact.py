@@ -226,8 +226,7 @@ def verify_digests(directory: Path, expected: dict[str, str]) -> None:
             raise ArtifactError(f"integrity check failed: stored file {name} is missing")
         if actual[name] != digest:
             raise ArtifactError(
-                f"integrity check failed: stored file {name} does not match the sha256 "
-                "recorded at import"
+                f"integrity check failed: stored file {name} does not match the sha256 recorded at import"
             )
 
 

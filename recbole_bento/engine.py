@@ -37,9 +37,7 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pad_histories(
-    histories: Sequence[Sequence[int]], width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_histories(histories: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RecBole's layout: the most recent *width* items, left-aligned, tail-padded with 0."""
     seq = torch.zeros((len(histories), width), dtype=torch.long)
     lengths = torch.empty(len(histories), dtype=torch.long)
@@ -106,9 +104,7 @@ class Engine:
             vals = values[row, : query.topk]
             keep = vals > float("-inf")
             results.append(
-                RankResult(
-                    items=indices[row, : query.topk][keep].tolist(), scores=vals[keep].tolist()
-                )
+                RankResult(items=indices[row, : query.topk][keep].tolist(), scores=vals[keep].tolist())
             )
         return results
 

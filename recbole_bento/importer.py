@@ -31,9 +31,7 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> dict[str, Any]:
     except ValueError as exc:  # UnsafePickleError included
         raise ImportRefused(str(exc)) from exc
     except Exception as exc:  # torch/pickle raise many types for a file that is not a checkpoint
-        raise ImportRefused(
-            f"{path} is not a RecBole checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise ImportRefused(f"{path} is not a RecBole checkpoint ({type(exc).__name__}: {exc})") from exc
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if config is None or not hasattr(config, "final_config_dict") or "state_dict" not in checkpoint:
         raise ImportRefused(
@@ -51,13 +49,9 @@ def read_dataset_pickle(path: Path, *, trust: bool = False) -> Any:
     except ValueError as exc:
         raise ImportRefused(str(exc)) from exc
     except Exception as exc:
-        raise ImportRefused(
-            f"{path} is not a pickled RecBole Dataset ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise ImportRefused(f"{path} is not a pickled RecBole Dataset ({type(exc).__name__}: {exc})") from exc
     if not hasattr(dataset, "field2id_token") or not hasattr(dataset, "iid_field"):
-        raise ImportRefused(
-            f"{path} does not hold a RecBole Dataset (found {type(dataset).__name__})"
-        )
+        raise ImportRefused(f"{path} does not hold a RecBole Dataset (found {type(dataset).__name__})")
     return dataset
 
 
@@ -68,17 +62,13 @@ def dataset_from_atomic_files(config: Any, data_dir: Path) -> Any:
     folder = Path(data_dir) / name
     if not (folder / f"{name}.inter").is_file():
         raise ImportRefused(f"--data-path {data_dir}: no {name}/{name}.inter under it")
-    config.final_config_dict.update(
-        data_path=str(folder), dataset_save_path=None, save_dataset=False
-    )
+    config.final_config_dict.update(data_path=str(folder), dataset_save_path=None, save_dataset=False)
     module = importlib.import_module("recbole.data.dataset")
     cls = getattr(module, config["model"] + "Dataset", None) or module.SequentialDataset
     try:
         return cls(config)
     except Exception as exc:
-        raise ImportRefused(
-            f"cannot build the dataset from {folder}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ImportRefused(f"cannot build the dataset from {folder}: {type(exc).__name__}: {exc}") from exc
 
 
 def check_dataset_matches(config: Any, dataset: Any) -> None:
@@ -92,9 +82,7 @@ def check_dataset_matches(config: Any, dataset: Any) -> None:
 
 
 def default_name(config: Any) -> str:
-    return re.sub(r"[^a-z0-9_.-]+", "-", f"{config['model']}-{config['dataset']}".lower()).strip(
-        "-."
-    )
+    return re.sub(r"[^a-z0-9_.-]+", "-", f"{config['model']}-{config['dataset']}".lower()).strip("-.")
 
 
 def parse_labels(pairs: list[str]) -> dict[str, str]:
@@ -107,9 +95,7 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
     return labels
 
 
-def build_metadata(
-    checkpoint: dict[str, Any], directory: Path, artifact: Any, source: str
-) -> dict[str, Any]:
+def build_metadata(checkpoint: dict[str, Any], directory: Path, artifact: Any, source: str) -> dict[str, Any]:
     config = checkpoint["config"]
     best = checkpoint.get("best_valid_score")
     metadata = {
@@ -152,9 +138,7 @@ def import_checkpoint(
     spec_for(config["model"])  # refuses unsupported models before the (slow) dataset load
     if dataset_pickle is not None:
         dataset = read_dataset_pickle(dataset_pickle, trust=trust_pickles)
-        source = (
-            f"checkpoint {Path(checkpoint_path).name} + dataset pickle {Path(dataset_pickle).name}"
-        )
+        source = f"checkpoint {Path(checkpoint_path).name} + dataset pickle {Path(dataset_pickle).name}"
     else:
         dataset = dataset_from_atomic_files(config, Path(data_path))  # type: ignore[arg-type]
         source = f"checkpoint {Path(checkpoint_path).name} + atomic files"

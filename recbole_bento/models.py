@@ -29,9 +29,7 @@ class ModelSpec:
 
 _NO_FULL_SORT = "has no full_sort_predict, so it cannot rank the whole catalogue"
 _NEEDS_FEATURES = "needs item features at serving time, which this version does not store yet"
-_NEEDS_KG = (
-    "needs knowledge-graph embeddings at serving time, which this version does not store yet"
-)
+_NEEDS_KG = "needs knowledge-graph embeddings at serving time, which this version does not store yet"
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     spec.name: spec

@@ -96,24 +96,17 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its RED
             or (qualified.startswith(_RECBOLE_MODULE_PREFIXES) and "." not in name)
         )
         if not allowed:
-            raise UnsafePickleError(
-                f"refused: the {self.what} references {qualified}, which is not allowed"
-            )
+            raise UnsafePickleError(f"refused: the {self.what} references {qualified}, which is not allowed")
         obj = super().find_class(module, name)
         if qualified.startswith(_RECBOLE_MODULE_PREFIXES) and not isinstance(obj, type):
-            raise UnsafePickleError(
-                f"refused: the {self.what} references {qualified}, which is not allowed"
-            )
+            raise UnsafePickleError(f"refused: the {self.what} references {qualified}, which is not allowed")
         return obj
 
     def _check_callable(self, func: Any) -> None:
         qualified = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
         if isinstance(func, type) and issubclass(func, enum.Enum):
             return  # Enum(value) is a lookup, never a side effect
-        if (
-            isinstance(func, torch.storage._LegacyStorageMeta)
-            or type(func).__name__ == "StorageType"
-        ):
+        if isinstance(func, torch.storage._LegacyStorageMeta) or type(func).__name__ == "StorageType":
             return
         if qualified in _CALLABLE or qualified in _TORCH_ALLOWED:
             return

@@ -30,9 +30,7 @@ class RecommendRequest(BaseModel):
 
 class RecommendResponse(BaseModel):
     item_list: list[str] = Field(description="external item ids, best first")
-    score_list: list[float] = Field(
-        description="the model's scores (popularity counts on fallback)"
-    )
+    score_list: list[float] = Field(description="the model's scores (popularity counts on fallback)")
     unknown_items: list[str] = Field(description="history items the model does not know (skipped)")
     fallback: Literal["popular"] | None = Field(
         description='"popular" when no known history item (or user) was left to rank with'

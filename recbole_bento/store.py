@@ -14,13 +14,9 @@ from .artifact import Artifact, ArtifactError, load_artifact
 FORMAT = "recbole-bento/1"  # metadata["format"]: marks models this project can serve
 
 
-def register(
-    name: str, source: Path, metadata: dict[str, Any], labels: dict[str, str]
-) -> bentoml.Model:
+def register(name: str, source: Path, metadata: dict[str, Any], labels: dict[str, str]) -> bentoml.Model:
     """Copy a verified artifact directory into the model store as one new model version."""
-    with bentoml.models.create(
-        name, labels=labels, metadata={"format": FORMAT, **metadata}
-    ) as model:
+    with bentoml.models.create(name, labels=labels, metadata={"format": FORMAT, **metadata}) as model:
         for path in sorted(Path(source).iterdir()):
             shutil.copy2(path, Path(model.path) / path.name)
     return model
@@ -38,14 +34,10 @@ def resolve(tag: str | None) -> bentoml.Model:
         return model
     ours = [m for m in bentoml.models.list() if m.info.metadata.get("format") == FORMAT]
     if not ours:
-        raise ArtifactError(
-            "no recbole-bento model in the BentoML model store: run import_model.py first"
-        )
+        raise ArtifactError("no recbole-bento model in the BentoML model store: run import_model.py first")
     return max(ours, key=lambda m: m.info.creation_time)
 
 
 def load(model: bentoml.Model, *, load_weights: bool = True) -> Artifact:
     """Load a stored model after checking every file against the sha256 recorded at import."""
-    return load_artifact(
-        Path(model.path), model.info.metadata.get("files", {}), load_weights=load_weights
-    )
+    return load_artifact(Path(model.path), model.info.metadata.get("files", {}), load_weights=load_weights)

@@ -88,9 +88,7 @@ def train(
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     trainer.saved_model_file = str(out_dir / f"{model}.pth")
     trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
-    return Trained(
-        Path(trainer.saved_model_file), dataset_pickle, config, ds, net, test_data, trainer
-    )
+    return Trained(Path(trainer.saved_model_file), dataset_pickle, config, ds, net, test_data, trainer)
 
 
 def main() -> None:
