@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             trust_pickles=args.trust_pickles,
         )
     except (ImportRefused, ArtifactError, UnsupportedModelError) as exc:
-        print(f"import_model: {exc}", file=sys.stderr)
+        print("import_model: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 1
     print(model.tag)
     return 0

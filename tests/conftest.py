@@ -1,0 +1,189 @@
+"""Shared fixtures: tiny models trained once per session, a private BentoML home, real servers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+# Before anything imports bentoml: every test uses a private, empty model store.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="recbole-bento-home-")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+
+from recbole_bento.training import RECBOLE_DATASETS, Trained, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSET_USERS = 300  # ml-100k users 1..300: ~30k interactions, seconds per epoch
+
+_trained: dict[tuple, Trained] = {}
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="session")
+def ml100k_subset(workdir: Path) -> Path:
+    """A data_path whose ml-100k/ holds the first users' interactions and all side files."""
+    src = RECBOLE_DATASETS / "ml-100k"
+    dst = workdir / "data" / "ml-100k"
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.suffix != ".inter":
+            shutil.copy(path, dst / path.name)
+    lines = (src / "ml-100k.inter").read_text().splitlines()
+    kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[0]) <= SUBSET_USERS]
+    (dst / "ml-100k.inter").write_text("\n".join(kept) + "\n")
+    return dst.parent
+
+
+@pytest.fixture(scope="session")
+def train_tiny(ml100k_subset: Path, workdir: Path):
+    """train_tiny(model, **overrides) -> Trained, cached for the session."""
+
+    def _train(model: str, dataset: str = "ml-100k", data_path: Path | None = None, **overrides):
+        key = (model, dataset, str(data_path), repr(sorted(overrides.items())))
+        if key not in _trained:
+            out = workdir / "ckpt" / f"{model}-{dataset}-{len(_trained)}"
+            _trained[key] = train(model, out, dataset, data_path or ml100k_subset, overrides)
+        return _trained[key]
+
+    return _train
+
+
+def run_import(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI, as other tooling drives it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "import_model.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def import_ok(*args: str | Path) -> str:
+    result = run_import(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) -> Iterator[str]:
+    """`bentoml serve` on 127.0.0.1 for *tag*; yields the base URL once /readyz answers 200."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env={**os.environ, "RECBOLE_BENTO_MODEL": tag, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited:\n{Path(log.name).read_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready in {ready_timeout}s:\n{Path(log.name).read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        serving.last_log = Path(log.name).read_text()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def sasrec(train_tiny) -> Trained:
+    return train_tiny("SASRec")
+
+
+@pytest.fixture(scope="session")
+def sasrec_tag(sasrec: Trained) -> str:
+    return import_ok(sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--name", "sasrec-tiny")
+
+
+@pytest.fixture(scope="session")
+def sasrec_server(sasrec_tag: str) -> Iterator[str]:
+    with serving(sasrec_tag) as url:
+        yield url
+
+
+def recbole_reference(trained: Trained, k: int = 10, max_users: int = 40) -> list[dict]:
+    """RecBole's own answer (case_study.full_sort_scores on the checkpoint's weights) for the
+    first test users: the request body that reproduces each, and RecBole's scores."""
+    import torch
+    from recbole.utils.case_study import full_sort_scores
+
+    from recbole_bento.safe_pickle import load_checkpoint
+
+    checkpoint = load_checkpoint(trained.checkpoint)
+    model = trained.model
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    model.eval()
+    test = trained.test_data
+    ds = test.dataset
+    uid_field, iid_field = ds.uid_field, ds.iid_field
+    seq_field = iid_field + trained.config["LIST_SUFFIX"]
+    len_field = trained.config["ITEM_LIST_LENGTH_FIELD"]
+    uids = ds.inter_feat[uid_field][:max_users]
+    scores = full_sort_scores(uids.numpy(), model, test)
+    rows = []
+    for row, uid in enumerate(uids.tolist()):
+        index = int((ds.inter_feat[uid_field] == uid).nonzero()[0, 0])
+        length = int(ds.inter_feat[len_field][index])
+        history = ds.inter_feat[seq_field][index][:length].tolist()
+        top = torch.topk(scores[row], k)
+        rows.append(
+            {
+                "body": {
+                    "sequence": list(ds.id2token(iid_field, history)),
+                    "user_id": str(ds.id2token(uid_field, uid)),
+                    "topk": k,
+                },
+                "items": list(ds.id2token(iid_field, top.indices.tolist())),
+                "scores": top.values.tolist(),
+                "score_of": dict(zip(ds.field2id_token[iid_field], scores[row].tolist(), strict=True)),
+            }
+        )
+    return rows
+
+
+def assert_same_topk(got: dict, ref: dict, tol: float = 1e-4) -> None:
+    """Same ids in the same order and scores within *tol*; tied items (|Δscore| < tol) may swap."""
+    assert len(got["item_list"]) == len(ref["items"])
+    for got_score, ref_score in zip(got["score_list"], ref["scores"], strict=True):
+        assert abs(got_score - ref_score) < tol, (got, ref["items"], ref["scores"])
+    for pos, (got_id, ref_id) in enumerate(zip(got["item_list"], ref["items"], strict=True)):
+        if got_id != ref_id:
+            assert abs(ref["score_of"][got_id] - ref["scores"][pos]) < tol, (pos, got, ref["items"])
