@@ -9,8 +9,13 @@ RecBole classes are restored with ``__new__`` + state, never by calling their co
 
 from __future__ import annotations
 
+import _compat_pickle
 import enum
+import functools
+import importlib
+import inspect
 import io
+import logging
 import pickle
 import types
 from pathlib import Path
@@ -65,6 +70,7 @@ _RECBOLE_MODULE_PREFIXES = (
     "recbole.model.",
     "recbole.utils.enum_type",
 )
+_TORCH_MODULE_PREFIX = "torch.nn.modules."
 
 
 def _torch_allowed() -> set[str]:
@@ -80,66 +86,197 @@ class UnsafePickleError(ValueError):
     """The file references a global that is not on the allowlist."""
 
 
-def _is_recbole_class(qualified: str, obj: Any) -> bool:
-    return qualified.startswith(_RECBOLE_MODULE_PREFIXES) and isinstance(obj, type)
+# Types a defaultdict factory or a copyreg._reconstructor base may be: data, never behaviour.
+_DATA_TYPES = (object, dict, list, set, frozenset, tuple, int, float, complex, str, bytes, bytearray)
+# Allowlisted torch functions that attach autograd hooks (callables run on backward): positional index.
+_HOOKS_ARG = {
+    "torch._utils._rebuild_tensor_v2": 5,
+    "torch._utils._rebuild_tensor_v3": 5,
+    "torch._utils._rebuild_parameter": 2,
+    "torch._utils._rebuild_parameter_with_state": 2,
+    "torch._utils._rebuild_qtensor": 6,
+}
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its REDUCE can be hooked
+@functools.cache
+def _allowed_callables() -> dict[int, str]:
+    """id -> name of every allowlisted object that may be called. Identity, never ``__module__`` /
+    ``__qualname__`` (an instance can carry those in its ``__dict__`` and pose as an allowed name)."""
+    out = {}
+    for qualified in sorted(_CALLABLE | _TORCH_ALLOWED):
+        obj = _resolve(qualified)
+        if obj is not None and callable(obj):
+            out[id(obj)] = qualified
+    return out
+
+
+@functools.cache
+def _reference_only() -> tuple[Any, ...]:
+    return tuple(obj for obj in map(_resolve, sorted(_REFERENCE_ONLY)) if obj is not None)
+
+
+def _resolve(qualified: str) -> Any:
+    module, _, name = qualified.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # e.g. numpy._core.* on numpy 1.x
+        return None
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, type) or inspect.isroutine(obj):
+        return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+    return f"an instance of {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _is_recbole_model_class(value: Any) -> bool:
+    return (
+        isinstance(value, type)
+        and issubclass(value, torch.nn.Module)
+        and value.__module__.startswith("recbole.model.")
+    )
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its opcodes can be hooked
     what = "file"
 
+    def _refuse(self, detail: str) -> UnsafePickleError:
+        return UnsafePickleError(f"refused: the {self.what} {detail}, which is not allowed")
+
     def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3 and self.fix_imports:  # protocol 2 (torch.save) writes __builtin__.set
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         qualified = f"{module}.{name}"
-        allowed = (
+        is_recbole = qualified.startswith(_RECBOLE_MODULE_PREFIXES)
+        # torch.nn layer classes: feature models (SASRecF, FDSA, GRU4RecF) save a submodule in
+        # other_parameter. Resolved to be restored with __new__ + checked state, never called.
+        is_torch_module = qualified.startswith(_TORCH_MODULE_PREFIX)
+        allowed = "." not in name and (  # protocol 4 resolves dotted names attribute by attribute
             qualified in _CALLABLE
             or qualified in _REFERENCE_ONLY
             or qualified in _TORCH_ALLOWED
-            or (qualified.startswith(_RECBOLE_MODULE_PREFIXES) and "." not in name)
+            or is_recbole
+            or is_torch_module
         )
-        if not allowed:
-            raise UnsafePickleError(f"refused: the {self.what} references {qualified}, which is not allowed")
+        if not allowed:  # os.system pickles as posix.system (nt.system): name it as users write it
+            shown = f"os.{name}" if module in ("posix", "nt") else qualified
+            raise self._refuse(f"references {shown}")
         obj = super().find_class(module, name)
-        if qualified.startswith(_RECBOLE_MODULE_PREFIXES) and not isinstance(obj, type):
-            raise UnsafePickleError(f"refused: the {self.what} references {qualified}, which is not allowed")
+        # Only classes RecBole itself defines: its modules also import names (scipy, sklearn, Enum).
+        if is_recbole and not (isinstance(obj, type) and obj.__module__.startswith("recbole.")):
+            raise self._refuse(f"references {qualified}")
+        if is_torch_module and not (isinstance(obj, type) and issubclass(obj, torch.nn.Module)):
+            raise self._refuse(f"references {qualified}")
         return obj
 
-    def _check_callable(self, func: Any) -> None:
-        qualified = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
-        if isinstance(func, type) and issubclass(func, enum.Enum):
+    # ------------------------------------------------------------ calls (REDUCE, OBJ, INST)
+
+    def _check_call(self, func: Any, args: tuple) -> None:
+        if isinstance(func, type) and issubclass(func, enum.Enum) and len(args) == 1:
             return  # Enum(value) is a lookup, never a side effect
-        if isinstance(func, torch.storage._LegacyStorageMeta) or type(func).__name__ == "StorageType":
+        if isinstance(func, torch.storage._LegacyStorageMeta):
             return
-        if qualified in _CALLABLE or qualified in _TORCH_ALLOWED:
-            return
-        names = {f"{m}.{n}" for m, n in _known_names(func)}
-        if names & (_CALLABLE | _TORCH_ALLOWED):
-            return
-        raise UnsafePickleError(f"refused: the {self.what} calls {qualified}, which is not allowed")
+        name = _allowed_callables().get(id(func))
+        if name is None:
+            raise self._refuse(f"calls {_describe(func)}")
+        self._check_arguments(name, args)
+
+    def _check_arguments(self, name: str, args: tuple) -> None:
+        """Allowlisted functions that themselves call, or attach, an object taken from the file."""
+        if name == "torch._tensor._rebuild_from_type_v2":  # (func, new_type, args, state): calls func
+            if len(args) != 4:
+                raise self._refuse(f"calls {name} with {len(args)} arguments")
+            self._check_call(args[0], tuple(args[2]))
+            if not (isinstance(args[1], type) and issubclass(args[1], torch.Tensor)):
+                raise self._refuse(f"calls {name} to make {_describe(args[1])}")
+            self._check_state(args[1], args[3])
+        elif name == "torch._utils._rebuild_wrapper_subclass":
+            if not (args and isinstance(args[0], type) and issubclass(args[0], torch.Tensor)):
+                raise self._refuse(f"calls {name} to make {_describe(args[0] if args else None)}")
+        elif name == "torch._utils._rebuild_parameter_with_state" and len(args) == 4:
+            self._check_state(torch.nn.Parameter, args[3])
+        elif name == "copyreg._reconstructor":  # (cls, base, state): calls base.__new__ and base.__init__
+            cls, base = (args + (None, None))[:2]
+            if not (isinstance(cls, type) and base in _DATA_TYPES and issubclass(cls, base)):
+                raise self._refuse(f"calls copyreg._reconstructor with the base {_describe(base)}")
+        elif name == "collections.defaultdict":  # the factory is called on every missing key
+            if args and args[0] is not None and args[0] not in _DATA_TYPES:
+                raise self._refuse(f"makes a defaultdict whose factory is {_describe(args[0])}")
+        elif name == "pandas.core.indexes.base._new_Index":
+            import pandas as pd
+
+            if not (args and isinstance(args[0], type) and issubclass(args[0], pd.Index)):
+                raise self._refuse(f"calls {name} to make {_describe(args[0] if args else None)}")
+        if name in _HOOKS_ARG and len(args) > _HOOKS_ARG[name] and args[_HOOKS_ARG[name]]:
+            raise self._refuse("attaches autograd hooks to a tensor")
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
         func = self.stack[-1]
-        self._check_callable(func)
+        self._check_call(func, tuple(args))
         self.stack[-1] = func(*args)
+
+    def _instantiate(self, klass: Any, args: Any) -> None:  # OBJ / INST: klass(*args) in pickle.py
+        if args or not isinstance(klass, type) or hasattr(klass, "__getinitargs__"):
+            self._check_call(klass, tuple(args))
+        super()._instantiate(klass, args)
+
+    # ------------------------------------------------------------ new objects and their state
+
+    def _check_new(self, cls: Any) -> None:
+        if not isinstance(cls, type):  # cls.__new__ of an instance would be an attribute it carries
+            raise self._refuse(f"creates an object from {_describe(cls)}")
+
+    def load_newobj(self) -> None:
+        self._check_new(self.stack[-2])
+        super().load_newobj()
+
+    def load_newobj_ex(self) -> None:
+        self._check_new(self.stack[-3])
+        super().load_newobj_ex()
+
+    def load_build(self) -> None:
+        inst = self.stack[-2]
+        shared = (type, types.ModuleType, enum.Enum, logging.Logger)
+        if isinstance(inst, shared) or inspect.isroutine(inst):  # would alter process-wide objects
+            raise self._refuse(
+                f"sets attributes of {_describe(inst) if not isinstance(inst, enum.Enum) else inst}"
+            )
+        self._check_state(type(inst), self.stack[-1])
+        super().load_build()
+
+    def _check_state(self, owner: type, state: Any) -> None:
+        """Instance state may hold data and RecBole's own model classes, never shadow a method, set a
+        dunder, or plant a callable that later code would call as if it were a method."""
+        if isinstance(state, dict):
+            parts = [state]
+        elif (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(p is None or isinstance(p, dict) for p in state)
+        ):
+            parts = [p for p in state if p]
+        else:
+            return  # opaque data for the class's own __setstate__ (arrays, dtypes, frames)
+        for part in parts:
+            for key, value in part.items():
+                if issubclass(owner, torch.nn.Module) and "hook" in str(key) and value:
+                    raise self._refuse(f"attaches {key} to a {owner.__qualname__}")  # run on forward/save
+                if not isinstance(key, str) or (key.startswith("__") and key.endswith("__")):
+                    raise self._refuse(f"sets the attribute {key!r} of {owner.__qualname__}")
+                if inspect.isroutine(inspect.getattr_static(owner, key, None)):
+                    raise self._refuse(f"replaces the method {owner.__qualname__}.{key}")
+                if callable(value) and not (
+                    _is_recbole_model_class(value) or any(value is ref for ref in _reference_only())
+                ):
+                    raise self._refuse(f"stores {_describe(value)} in {owner.__qualname__}.{key}")
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.REDUCE[0]] = load_reduce
-
-
-def _known_names(func: Any) -> list[tuple[str, str]]:
-    """Names under which *func* may be listed (a C function's __module__ can differ from its path)."""
-    out = []
-    for qualified in _CALLABLE | _TORCH_ALLOWED:
-        module, _, name = qualified.rpartition(".")
-        mod = _import_if_loaded(module)
-        if mod is not None and getattr(mod, name, None) is func:
-            out.append((module, name))
-    return out
-
-
-def _import_if_loaded(module: str) -> types.ModuleType | None:
-    import sys
-
-    return sys.modules.get(module)
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _pickle_module(what: str) -> types.ModuleType:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 from .settings import Settings
 
@@ -32,9 +32,11 @@ class RecommendResponse(BaseModel):
     item_list: list[str] = Field(description="external item ids, best first")
     score_list: list[float] = Field(description="the model's scores (popularity counts on fallback)")
     unknown_items: list[str] = Field(description="history items the model does not know (skipped)")
-    fallback: Literal["popular"] | None = Field(
-        description='"popular" when no known history item (or user) was left to rank with'
-    )
+    # OpenAPI 3.0's "nullable": BentoML's /docs.json keeps only the first branch of a top-level
+    # anyOf, which would publish a schema that every non-fallback answer (null) violates.
+    fallback: Annotated[
+        Literal["popular"] | None, WithJsonSchema({"type": "string", "enum": ["popular"], "nullable": True})
+    ] = Field(description='"popular" when no known history item (or user) was left to rank with')
 
 
 class ModelInfo(BaseModel):

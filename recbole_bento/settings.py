@@ -17,6 +17,15 @@ class Settings:
     max_batch_size: int = 64  # adaptive batching: sequences per model call
     max_latency_ms: int = 10_000  # adaptive batching: a request waits at most this long in total
     torch_threads: int = 0  # intra-op threads of the model worker; 0 = torch's default
+    ranker_workers: int = 1  # model worker processes (each loads the model, batches on its own)
+    block_items: int = 8192  # exact block top-k over large catalogues (CPU); 0 = always full matrix
+    # Traffic limits of the public service (docs/configuration.md); 0 turns a limit off.
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies -> 413, never read into memory
+    max_concurrency: int = 256  # requests in progress at once; more -> 429 with Retry-After
+    retry_after_s: int = 1  # the Retry-After a 429 carries
+    request_timeout_s: int = 30  # a request not answered in this time -> 504
+    shutdown_grace_s: int = 40  # after SIGTERM: finish accepted requests, exit within this time
+    json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

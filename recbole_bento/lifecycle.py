@@ -1,0 +1,130 @@
+"""A bounded, lossless stop of `bentoml serve` on SIGTERM / SIGINT.
+
+What BentoML 1.4 does on its own: the arbiter (the `bentoml serve` process) forwards SIGTERM to every
+worker at once, and each worker's uvicorn stops accepting and then waits, without any limit, for the
+requests it holds. So (1) the ranking worker stops while the public worker still has accepted requests
+that need it, and those are answered 500; (2) nothing bounds how long the stop takes (`bentoml serve`
+has no graceful-timeout option; circus waits a day before SIGKILL).
+
+``install`` wraps uvicorn's signal handlers in a worker:
+
+* every worker gets a deadline: ``grace_s`` after the first signal it exits (status 1) whatever it is
+  still doing, and logs that it did;
+* a worker other services call (the ranker) keeps serving after the signal until no calling worker
+  is left, then lets uvicorn stop; the public worker stops at once (it accepts nothing new and
+  finishes what it holds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger("recbole_bento")
+
+_WORKER_MODULE = "_bentoml_impl.worker.service"
+
+
+def install(service_name: str, grace_s: int, *, outlive_callers: bool) -> bool:
+    """Wrap the running uvicorn's SIGTERM/SIGINT handlers; False where there are none to wrap."""
+    if threading.current_thread() is not threading.main_thread():
+        return False  # signal handlers can only be set from the main thread (in-process tests)
+    state = _State(service_name, grace_s, outlive_callers)
+    wrapped = False
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if _is_server_handler(previous):
+            signal.signal(sig, state.handler(previous))
+            wrapped = True
+    return wrapped
+
+
+def _is_server_handler(handler: Any) -> bool:
+    """uvicorn's own handler (or ours around it): never wrap a test runner's or a REPL's."""
+    if not callable(handler):
+        return False
+    owner = getattr(handler, "__self__", None)
+    if owner is not None and type(owner).__module__.startswith("uvicorn"):
+        return True
+    return getattr(handler, "__wrapped_server_handler__", False)
+
+
+class _State:
+    def __init__(self, service_name: str, grace_s: int, outlive_callers: bool) -> None:
+        self.service_name = service_name
+        self.grace_s = grace_s
+        self.outlive_callers = outlive_callers
+        self.signalled = False
+        self.forwarded = not outlive_callers
+
+    def handler(self, previous: Callable[[int, FrameType | None], Any]) -> Callable[..., None]:
+        def _handle(sig: int, frame: FrameType | None) -> None:
+            if not self.signalled:
+                self.signalled = True
+                logger.info(
+                    "%s: %s: finishing accepted requests, exiting within %s",
+                    self.service_name,
+                    signal.Signals(sig).name,
+                    f"{self.grace_s} s" if self.grace_s else "no limit (RECBOLE_BENTO_SHUTDOWN_GRACE_S=0)",
+                )
+                if self.grace_s:
+                    threading.Thread(target=self._deadline, daemon=True, name="shutdown-deadline").start()
+                if self.outlive_callers:
+                    threading.Thread(
+                        target=self._stop_after_callers, args=(previous, sig), daemon=True, name="drain"
+                    ).start()
+                    return
+            if self.forwarded:
+                previous(sig, frame)
+
+        _handle.__wrapped_server_handler__ = True  # type: ignore[attr-defined]
+        return _handle
+
+    def _stop_after_callers(self, previous: Callable[[int, FrameType | None], Any], sig: int) -> None:
+        while callers(self.service_name):
+            time.sleep(0.1)
+        logger.info("%s: no calling service left, stopping", self.service_name)
+        self.forwarded = True
+        previous(sig, None)  # uvicorn's handler only sets a flag its main loop polls
+
+    def _deadline(self) -> None:
+        time.sleep(self.grace_s)
+        logger.error(
+            "%s: still busy %d s after the stop signal (RECBOLE_BENTO_SHUTDOWN_GRACE_S): exiting now",
+            self.service_name,
+            self.grace_s,
+        )
+        for handler in logging.getLogger().handlers + logger.handlers:
+            handler.flush()
+        os._exit(1)
+
+
+def callers(service_name: str) -> list[int]:
+    """PIDs of the live sibling workers (same `bentoml serve` arbiter) that serve another service."""
+    import psutil
+
+    try:
+        me = psutil.Process()
+        parent = me.parent()
+        siblings = parent.children() if parent is not None else []
+    except psutil.Error:
+        return []
+    out = []
+    for proc in siblings:
+        try:
+            if proc.pid == me.pid or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if _WORKER_MODULE in cmd and "--service-name" in cmd:
+            name = cmd[cmd.index("--service-name") + 1] if cmd.index("--service-name") + 1 < len(cmd) else ""
+            if name != service_name:
+                out.append(proc.pid)
+    return out
