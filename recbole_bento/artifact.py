@@ -8,6 +8,9 @@ Layout of an artifact directory (one BentoML model)::
     item_tokens.json     external item ids in RecBole's internal order; index 0 is [PAD]
     user_tokens.json     the same for users (only for models that read a user id)
     item_popularity.npy  interactions per item in the training split (popularity fallback)
+    dataset_tensors.pt   only for models whose constructor reads more than counts (the ModelSpec
+                         says what): item-feature columns, preloaded KG embedding rows; tensors
+                         only, loads with torch.load(weights_only=True)
 
 Nothing in it grows with the number of interactions.
 """
@@ -32,6 +35,9 @@ DATASET = "dataset.json"
 ITEM_TOKENS = "item_tokens.json"
 USER_TOKENS = "user_tokens.json"
 POPULARITY = "item_popularity.npy"
+DATASET_TENSORS = "dataset_tensors.pt"
+_ITEM_FEATURE = "item_feature."
+_PRELOAD = "preload_weight."
 
 _ENUM_TAG = "__recbole_enum__"
 
@@ -52,9 +58,16 @@ class ServingConfig(dict):
 
 
 class DatasetStub:
-    """What RecBole model constructors read from a Dataset, restored from dataset.json."""
+    """What RecBole model constructors read from a Dataset, restored from dataset.json (and, for
+    the models that need them, dataset_tensors.pt)."""
 
-    def __init__(self, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        info: dict[str, Any],
+        config: ServingConfig | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        from recbole.data.interaction import Interaction
         from recbole.utils import FeatureType
 
         self.uid_field: str = info["uid_field"]
@@ -62,6 +75,23 @@ class DatasetStub:
         self.field2seqlen: dict[str, int] = info["field2seqlen"]
         self.field2type = {k: FeatureType[v] for k, v in info["field2type"].items()}
         self._num: dict[str, int] = info["field_num"]
+        self.config = config if config is not None else ServingConfig()
+        tensors = tensors or {}
+        self._item_feat = _with_prefix(tensors, _ITEM_FEATURE)
+        self._preload = _with_prefix(tensors, _PRELOAD)
+        # No interactions are served from: a constructor that indexes them (FEARec, for a
+        # training-only loss) gets an empty table.
+        self.inter_feat = Interaction({self.iid_field: torch.zeros(0, dtype=torch.long)})
+
+    def get_item_feature(self) -> Any:
+        from recbole.data.interaction import Interaction
+
+        return Interaction(dict(self._item_feat))
+
+    def get_preload_weight(self, field: str) -> np.ndarray:
+        if field not in self._preload:
+            raise ArtifactError(f"the stored model has no preloaded weights for {field!r}")
+        return self._preload[field].numpy()
 
     def num(self, field: str) -> int:
         if field not in self._num:
@@ -75,6 +105,10 @@ class DatasetStub:
     @property
     def item_num(self) -> int:
         return self.num(self.iid_field)
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 # ---------------------------------------------------------------- writing
@@ -137,11 +171,37 @@ def dataset_info(dataset: Any) -> dict[str, Any]:
     }
 
 
-def training_item_counts(dataset: Any) -> np.ndarray:
+def training_item_counts(dataset: Any, train: Any = None) -> np.ndarray:
     """Interactions per internal item id in the training split (what RecBole's Pop model counts)."""
-    train = dataset.build()[0]
+    train = dataset.build()[0] if train is None else train
     items = train.inter_feat[dataset.iid_field].numpy()
     return np.bincount(items, minlength=dataset.item_num).astype(np.int64)
+
+
+def dataset_tensors(spec: ModelSpec, config: Any, dataset: Any) -> dict[str, torch.Tensor]:
+    """What the model's constructor reads from the Dataset beyond counts, as its ModelSpec lists
+    it: item-feature columns and the rows of preloaded embedding matrices it reads."""
+    out: dict[str, torch.Tensor] = {}
+    fields = spec.item_feature_fields(config)
+    if fields:
+        item_feat = dataset.get_item_feature()
+        for field in fields:
+            if field not in item_feat.interaction:
+                raise ArtifactError(
+                    f"{spec.name} reads the item feature {field!r}, which the dataset does not load"
+                )
+            out[_ITEM_FEATURE + field] = item_feat[field].detach().cpu().contiguous()
+    for field, rows_key in spec.preload_weights:
+        try:
+            matrix = dataset.get_preload_weight(field)
+        except ValueError as exc:
+            raise ArtifactError(f"{spec.name} reads preloaded weights {field!r}: {exc}") from exc
+        rows = int(dataset.num(config[rows_key]))
+        # float32, the dtype of the model's parameters: RecBole builds these matrices as float64,
+        # which GRU4RecKG's copy_ into its float32 table casts anyway, and which KSR's memory_read
+        # cannot multiply with float32 activations (a KSR that ran had them cast to float32)
+        out[_PRELOAD + field] = torch.from_numpy(np.ascontiguousarray(matrix[:rows], dtype=np.float32))
+    return out
 
 
 def _tensors_only(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -157,21 +217,34 @@ def write_artifact(directory: Path, checkpoint: dict[str, Any], dataset: Any) ->
     """Write the artifact files for a checkpoint and the Dataset it was trained on."""
     directory = Path(directory)
     config = checkpoint["config"]
+    spec = spec_for(config["model"])
+    spec.check_config(config)
     state = _tensors_only(checkpoint["state_dict"])
     other = checkpoint.get("other_parameter") or {}
     for key, value in other.items():
+        if isinstance(value, torch.nn.Module) and any(k.startswith(f"{key}.") for k in state):
+            # A submodule (feature models' feature_embed_layer): its weights are in the state_dict
+            # and the constructor rebuilds the rest from the stored item features; the strict
+            # load_state_dict at serving time checks that every tensor it needs is there.
+            continue
         if not isinstance(value, torch.Tensor):
             raise ArtifactError(f"other_parameter {key!r} is not a tensor and cannot be stored")
         state[f"__other__.{key}"] = value.detach().cpu().contiguous()
+    # The split the model was constructed with (RecBole passes train_data.dataset): it has the
+    # item-list fields sequence models size themselves by (CORE reads their length).
+    train = dataset.build()[0]
     torch.save(state, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(config_to_json(config), indent=1, sort_keys=True))
-    (directory / DATASET).write_text(json.dumps(dataset_info(dataset), indent=1, sort_keys=True))
+    (directory / DATASET).write_text(json.dumps(dataset_info(train), indent=1, sort_keys=True))
     items = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
     (directory / ITEM_TOKENS).write_text(json.dumps(items))
-    if spec_for(config["model"]).needs_user:
+    if spec.needs_user:
         users = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
         (directory / USER_TOKENS).write_text(json.dumps(users))
-    np.save(directory / POPULARITY, training_item_counts(dataset), allow_pickle=False)
+    np.save(directory / POPULARITY, training_item_counts(dataset, train), allow_pickle=False)
+    extra = dataset_tensors(spec, config, train)
+    if extra:
+        torch.save(extra, directory / DATASET_TENSORS)
 
 
 def file_digests(directory: Path) -> dict[str, str]:
@@ -253,10 +326,15 @@ def load_artifact(
         if load_weights
         else {}
     )
+    tensors = None
+    if load_weights and (spec.item_feature_keys or spec.preload_weights):
+        if not (directory / DATASET_TENSORS).is_file():
+            raise ArtifactError(f"{spec.name} needs {DATASET_TENSORS}, which the stored model lacks")
+        tensors = torch.load(directory / DATASET_TENSORS, map_location="cpu", weights_only=True)
     return Artifact(
         path=directory,
         config=config,
-        dataset=DatasetStub(info),
+        dataset=DatasetStub(info, config, tensors),
         spec=spec,
         item_tokens=item_tokens,
         user_tokens=user_tokens,

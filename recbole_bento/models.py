@@ -1,13 +1,28 @@
 """The table of RecBole sequential models this project serves, and what each one needs.
 
-Every model-specific fact lives here, so the importer and the engine stay free of per-model
-conditionals.
+Every model-specific fact lives here, so the importer, the artifact and the engine stay free of
+per-model conditionals. A model's quirks are data in its ModelSpec row:
+
+- what its constructor reads from the Dataset beyond field counts (item features, preloaded KG
+  embeddings), which the importer captures into the pickle-free artifact;
+- config values needed only to *construct* it for serving (S3Rec's fine-tune stage would load the
+  pre-training file from disk: the stored weights replace that anyway);
+- config values a checkpoint must have to be servable (S3Rec must be fine-tuned);
+- whether full_sort_predict also computes a training loss, and so reads a target item (CPR models);
+- what its scores are (RepeatNet and the CPR models return probabilities).
+
+Quirks that need no code are recorded in ``notes`` for the model table: the engine always pads to
+MAX_ITEM_LIST_LENGTH as RecBole's dataloader does (SINE, Caser and NextItNet need that exact
+width), missing config keys read as None as in RecBole's Config (HRM reads ``reg_weight``, which
+its yaml lacks), and BERT4Rec's extra mask-token embedding row comes with its weights.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,49 +32,134 @@ class ModelSpec:
     name: str  # RecBole class name, as in the checkpoint's config["model"]
     needs_user: bool = False  # full_sort_predict reads the user id
     unsupported: str | None = None  # why import refuses it; None = supported
+    # config keys whose values name the item-feature fields the constructor reads
+    # (dataset.get_item_feature()[field]); those columns are stored at import
+    item_feature_keys: tuple[str, ...] = ()
+    # dataset.get_preload_weight(field) matrices the constructor reads, each with the config key of
+    # the id field whose num() bounds the rows it reads; those rows are stored at import
+    preload_weights: tuple[tuple[str, str], ...] = ()
+    # config values set only while constructing the model for serving
+    build_config: tuple[tuple[str, Any], ...] = ()
+    # config values a checkpoint must have, with the reason it is refused otherwise
+    requires_config: tuple[tuple[str, Any, str], ...] = ()
+    # full_sort_predict also computes the training loss, so it reads a target item; any item will
+    # do, the scores do not depend on it
+    target_placeholder: bool = False
+    output: str = "scores"  # what score_list holds: "scores" or "probabilities"
+    notes: str = ""
 
     @property
     def required_inputs(self) -> list[str]:
         return ["sequence", "user_id"] if self.needs_user else ["sequence"]
 
+    @property
+    def stored_inputs(self) -> list[str]:
+        """What the artifact holds beyond weights, counts and id maps (for the model table)."""
+        out = []
+        if self.item_feature_keys:
+            out.append("item features (" + ", ".join(self.item_feature_keys) + ")")
+        if self.preload_weights:
+            out.append("preloaded KG embeddings (" + ", ".join(f for f, _ in self.preload_weights) + ")")
+        return out
+
     def model_class(self) -> type[torch.nn.Module]:
+        _numpy_aliases()
         module = importlib.import_module("recbole.model.sequential_recommender")
         return getattr(module, self.name)
 
+    def item_feature_fields(self, config: Mapping[str, Any]) -> list[str]:
+        fields: list[str] = []
+        for key in self.item_feature_keys:
+            value = config[key]
+            for field in [value] if isinstance(value, str) else list(value or []):
+                if field not in fields:
+                    fields.append(field)
+        return fields
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Raise UnsupportedModelError when the checkpoint's config makes it unservable."""
+        for key, value, reason in self.requires_config:
+            if config[key] != value:
+                raise UnsupportedModelError(
+                    f"{self.name} is not supported with {key}={config[key]!r}: {reason}"
+                )
+
+    def serving_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The config the model is constructed with for serving."""
+        return {**config, **dict(self.build_config)}
+
+
+def _numpy_aliases() -> None:
+    """RecBole's Config installs numpy aliases removed in numpy 1.24 (its layers use ``np.long``);
+    serving builds no Config, so install the ones model code uses when numpy lacks them."""
+    import numpy as np
+
+    if "long" not in np.__dict__:
+        np.long = np.int_  # type: ignore[attr-defined]
+
 
 _NO_FULL_SORT = "has no full_sort_predict, so it cannot rank the whole catalogue"
-_NEEDS_FEATURES = "needs item features at serving time, which this version does not store yet"
-_NEEDS_KG = "needs knowledge-graph embeddings at serving time, which this version does not store yet"
+_WINDOW = "reads the exact window: histories are padded to MAX_ITEM_LIST_LENGTH as RecBole does"
+_FEATURES = "item feature columns named by selected_features are stored at import"
+_CPR = "full_sort_predict computes a loss too, so a placeholder target item is passed"
+_KG_ROWS = "ITEM_ID_FIELD"
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        ModelSpec("BERT4Rec"),
-        ModelSpec("Caser", needs_user=True),
+        ModelSpec("BERT4Rec", notes="mask token = an extra embedding row, restored with the weights"),
+        ModelSpec("Caser", needs_user=True, notes=_WINDOW),
         ModelSpec("CORE"),
-        ModelSpec("FDSA", unsupported=_NEEDS_FEATURES),
-        ModelSpec("FEARec", unsupported="reads the training interactions in its constructor"),
+        ModelSpec("FDSA", item_feature_keys=("selected_features",), notes=_FEATURES),
+        ModelSpec(
+            "FEARec",
+            notes="its constructor indexes the training interactions for a training-only loss; "
+            "serving gives it none (not used by full_sort_predict)",
+        ),
         ModelSpec("FOSSIL", needs_user=True),
         ModelSpec("FPMC", needs_user=True),
         ModelSpec("GCSAN"),
         ModelSpec("GRU4Rec"),
-        ModelSpec("GRU4RecCPR", unsupported="CPR models are not supported yet"),
-        ModelSpec("GRU4RecF", unsupported=_NEEDS_FEATURES),
-        ModelSpec("GRU4RecKG", unsupported=_NEEDS_KG),
+        ModelSpec("GRU4RecCPR", target_placeholder=True, output="probabilities", notes=_CPR),
+        ModelSpec("GRU4RecF", item_feature_keys=("selected_features",), notes=_FEATURES),
+        ModelSpec(
+            "GRU4RecKG",
+            preload_weights=(("ent_id", _KG_ROWS),),
+            notes="the preloaded entity embeddings the constructor copies are stored at import",
+        ),
         ModelSpec("HGN", needs_user=True),
-        ModelSpec("HRM", needs_user=True),
-        ModelSpec("KSR", unsupported=_NEEDS_KG),
+        ModelSpec(
+            "HRM",
+            needs_user=True,
+            notes="reads reg_weight, which its yaml lacks: missing keys read as None, as in RecBole",
+        ),
+        ModelSpec(
+            "KSR",
+            preload_weights=(("ent_id", _KG_ROWS), ("rel_id", "RELATION_ID_FIELD")),
+            notes="its relation embeddings (not in its state_dict) are stored at import, as float32: "
+            "RecBole 1.2.1 preloads them as float64, with which KSR itself cannot train or predict "
+            "(its memory_read mixes them with float32); cast them to float32 to train it",
+        ),
         ModelSpec("LightSANs"),
         ModelSpec("NARM"),
-        ModelSpec("NextItNet"),
+        ModelSpec("NextItNet", notes=_WINDOW),
         ModelSpec("NPE", needs_user=True),
-        ModelSpec("RepeatNet"),
-        ModelSpec("S3Rec", unsupported=_NEEDS_FEATURES),
+        ModelSpec("RepeatNet", output="probabilities"),
+        ModelSpec(
+            "S3Rec",
+            item_feature_keys=("item_attribute",),
+            build_config=(("train_stage", "pretrain"),),
+            requires_config=(
+                ("train_stage", "finetune", "only a fine-tuned S3Rec ranks next items; fine-tune it first"),
+            ),
+            notes="fine-tuned checkpoints only; built without re-reading pre_model_path (the stored "
+            "weights replace it)",
+        ),
         ModelSpec("SASRec"),
-        ModelSpec("SASRecCPR", unsupported="CPR models are not supported yet"),
-        ModelSpec("SASRecF", unsupported=_NEEDS_FEATURES),
+        ModelSpec("SASRecCPR", target_placeholder=True, output="probabilities", notes=_CPR),
+        ModelSpec("SASRecF", item_feature_keys=("selected_features",), notes=_FEATURES),
         ModelSpec("SHAN", needs_user=True),
-        ModelSpec("SINE"),
+        ModelSpec("SINE", notes=_WINDOW),
         ModelSpec("SRGNN"),
         ModelSpec("STAMP"),
         ModelSpec("TransRec", needs_user=True),

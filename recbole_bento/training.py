@@ -56,6 +56,7 @@ def train(
 ) -> Trained:
     """Train *model* and save what RecBole users have after training: checkpoint + dataset pickle."""
     import cloudpickle
+    import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
@@ -77,6 +78,11 @@ def train(
         **(overrides or {}),
     }
     config = Config(model=model, dataset=dataset, config_dict=config_dict)
+    # RecBole ignores data_path for a dataset named "ml-100k" (it reads its bundled copy): honour ours.
+    config.final_config_dict["data_path"] = str(Path(data_path).resolve() / dataset)
+    # Importing RecBole's SINE module turns on autograd anomaly detection for the whole process,
+    # which only slows training down (several times over); it changes no result.
+    torch.autograd.set_detect_anomaly(False)
     init_seed(config["seed"], config["reproducibility"])
     logging.getLogger().setLevel(logging.WARNING)
     ds = create_dataset(config)
