@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import bentoml
 import numpy as np
 from bentoml.exceptions import InvalidArgument
 from bentoml.models import BentoModel
 
-from recbole_bento import store
+from recbole_bento import bentoml_speedups, http_guard, lifecycle, observability, store
+from recbole_bento.artifact import verify_digests
 from recbole_bento.engine import Engine, RankQuery, RankResult
 from recbole_bento.schemas import SETTINGS, ModelInfo, RecommendRequest, RecommendResponse
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
 logger = logging.getLogger("recbole_bento")
-MODEL_TAG = str(store.resolve(SETTINGS.model).tag)
+logger.setLevel(logging.INFO)  # "loaded <tag> on <device>"; BentoML's root logger only passes warnings
+if SETTINGS.json_logs:
+    observability.use_json_logs()
+_STORED = store.resolve(SETTINGS.model)
+MODEL_TAG = str(_STORED.tag)
+# Each process that imports this checks the stored files, the `bentoml serve` process first: an altered
+# model stops the server before any worker starts, and the error names the file (docs/errors.md).
+verify_digests(Path(_STORED.path), _STORED.info.metadata.get("files", {}))
+http_guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
+bentoml_speedups.apply()  # per-response costs of BentoML that change no answer
 
 
 @bentoml.service(
     name="recbole_ranker",
-    workers=1,
+    workers=SETTINGS.ranker_workers or 1,
     # BentoML closes a pooled runner connection after max_requests/max_age while other requests
     # may still be in flight on it (upstream issue 5540): never recycle.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
-    traffic={"timeout": 60},
+    traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class Ranker:
     """Scores whole batches of histories with the model's own full_sort_predict."""
@@ -41,8 +52,12 @@ class Ranker:
 
         if SETTINGS.torch_threads:
             torch.set_num_threads(SETTINGS.torch_threads)
-        self.engine = Engine(store.load(self.stored_model), device=SETTINGS.device)
+        self.engine = Engine(
+            store.load(self.stored_model), device=SETTINGS.device, block_items=SETTINGS.block_items
+        )
         logger.info("loaded %s on %s", MODEL_TAG, self.engine.device)
+        # On SIGTERM keep ranking until the public service has answered what it accepted.
+        lifecycle.install("recbole_ranker", SETTINGS.shutdown_grace_s, outlive_callers=True)
 
     @bentoml.api(
         batchable=True,
@@ -50,14 +65,15 @@ class Ranker:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def rank(self, queries: list[RankQuery]) -> list[RankResult]:
-        return self.engine.rank(queries)
+        with observability.model_call(MODEL_TAG, len(queries)):
+            return self.engine.rank(queries)
 
     @bentoml.api
     def device(self) -> str:
         return str(self.engine.device)
 
 
-@bentoml.service(name="recbole_recommender", traffic={"timeout": 60})
+@bentoml.service(name="recbole_recommender", traffic={"timeout": SETTINGS.request_timeout_s})
 class Recommender:
     """Public API. Everything a request can get wrong is refused here, before batching."""
 
@@ -80,6 +96,7 @@ class Recommender:
         self.popularity = counts
         self.n_items = len(artifact.item_tokens) - 1
         self.max_topk = min(SETTINGS.max_topk, self.n_items)
+        lifecycle.install("recbole_recommender", SETTINGS.shutdown_grace_s, outlive_callers=False)
 
     # ------------------------------------------------------------------ helpers
 
@@ -137,8 +154,11 @@ class Recommender:
             if query is None:
                 history = self._known(req.sequence)
                 out.append(self._response(self._popular(req, history), unknown, True))
+                fallback = "unknown_user" if history else "no_known_items"
             else:
                 out.append(self._response(next(ranked), unknown, False))
+                fallback = None
+            observability.answered(MODEL_TAG, len(req.sequence), len(unknown), fallback)
         return out
 
     # ------------------------------------------------------------------ API
@@ -176,5 +196,21 @@ class Recommender:
                 "max_history": SETTINGS.max_history,
                 "max_topk": self.max_topk,
                 "max_batch_requests": SETTINGS.max_batch_requests,
+                "max_body_bytes": SETTINGS.max_body_bytes,
+                "max_concurrency": SETTINGS.max_concurrency,
+                "request_timeout_s": SETTINGS.request_timeout_s,
             },
         )
+
+
+# Refused /recommend* calls by outcome, next to the answered ones counted in _answer (docs/operations.md).
+Recommender.add_asgi_middleware(observability.RefusalMetricsMiddleware, model_tag=MODEL_TAG)
+# The front door (docs/errors.md): concurrency limit (429 + Retry-After), body size limit (413),
+# one-sentence error bodies, and the accepted/answered count logged at shutdown.
+Recommender.add_asgi_middleware(
+    http_guard.RequestGuard,
+    api_paths=["/recommend", "/recommend_batch", "/model_info"],
+    max_body_bytes=SETTINGS.max_body_bytes,
+    max_concurrency=SETTINGS.max_concurrency,
+    retry_after_s=SETTINGS.retry_after_s,
+)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from recbole.data.interaction import Interaction
 
-from .artifact import Artifact, ArtifactError
+from .artifact import Artifact, ArtifactError, ServingConfig
+from .blockwise import block_ranker
 
 _OTHER_PREFIX = "__other__."
 
@@ -50,7 +51,7 @@ def pad_histories(histories: Sequence[Sequence[int]], width: int) -> tuple[torch
 
 def build_model(artifact: Artifact, device: torch.device) -> torch.nn.Module:
     """Instantiate the RecBole model class from the stored config and load its weights."""
-    config = artifact.config
+    config = ServingConfig(artifact.spec.serving_config(artifact.config))  # + the spec's build-time values
     config["device"] = device
     model = artifact.spec.model_class()(config, artifact.dataset)
     weights = {k: v for k, v in artifact.state_dict.items() if not k.startswith(_OTHER_PREFIX)}
@@ -68,7 +69,7 @@ def build_model(artifact: Artifact, device: torch.device) -> torch.nn.Module:
 
 
 class Engine:
-    def __init__(self, artifact: Artifact, device: str | None = None) -> None:
+    def __init__(self, artifact: Artifact, device: str | None = None, block_items: int = 8192) -> None:
         self.artifact = artifact
         self.device = pick_device(device)
         self.model = build_model(artifact, self.device)
@@ -76,12 +77,18 @@ class Engine:
         self._seq_field = artifact.item_seq_field
         self._len_field = artifact.item_seq_len_field
         self._uid_field = artifact.dataset.uid_field
+        # large catalogues, dot-product models, CPU: exact top-k without the B x N matrix
+        self.block = block_ranker(self, block_items)
 
     def interaction(self, queries: Sequence[RankQuery]) -> Interaction:
         seq, lengths = pad_histories([q.history for q in queries], self.artifact.window)
         data = {self._seq_field: seq, self._len_field: lengths}
         if self.artifact.spec.needs_user:
             data[self._uid_field] = torch.tensor([q.user or 0 for q in queries], dtype=torch.long)
+        if self.artifact.spec.target_placeholder:  # read only by the loss full_sort_predict also computes
+            data[self.artifact.dataset.iid_field] = torch.ones(len(queries), dtype=torch.long)
+        if self.device.type == "cuda":  # page-locked batches: faster host-to-device copies
+            data = {k: v.pin_memory() for k, v in data.items()}
         return Interaction(data).to(self.device)
 
     @torch.inference_mode()
@@ -94,10 +101,9 @@ class Engine:
     def rank(self, queries: Sequence[RankQuery]) -> list[RankResult]:
         if not queries:
             return []
-        scores = self.scores(queries).float()
-        apply_masks(scores, queries)
         k = min(max(q.topk for q in queries), self.n_items)
-        values, indices = torch.topk(scores, k, dim=1)
+        top = self.block.topk(self.interaction(queries), queries, k) if self.block is not None else None
+        values, indices = top if top is not None else self.plain_topk(queries, k)
         values, indices = values.cpu(), indices.cpu()
         results = []
         for row, query in enumerate(queries):
@@ -107,6 +113,13 @@ class Engine:
                 RankResult(items=indices[row, : query.topk][keep].tolist(), scores=vals[keep].tolist())
             )
         return results
+
+    @torch.inference_mode()
+    def plain_topk(self, queries: Sequence[RankQuery], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference path: full_sort_predict, masks, torch.topk over the whole catalogue."""
+        scores = self.scores(queries).float()
+        apply_masks(scores, queries)
+        return torch.topk(scores, k, dim=1)
 
 
 def apply_masks(scores: torch.Tensor, queries: Sequence[RankQuery]) -> None:

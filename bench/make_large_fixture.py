@@ -1,0 +1,166 @@
+"""Make a large-catalogue benchmark fixture: a synthetic dataset in RecBole's atomic-file format in
+which every item is seen, an untrained SASRec saved exactly as RecBole's Trainer saves a checkpoint
+(``Trainer._save_checkpoint``: config, epoch, cur_step, best_valid_score, state_dict,
+other_parameter, optimizer), and the Dataset pickled as RecBole's ``Dataset.save()`` does.
+
+    python bench/make_large_fixture.py --items 1000000 --out bench/.work/fixtures
+
+Writes ``<out>/synth-<n>/``: ``data/synth-<n>/synth-<n>.inter``, ``SASRec.pth`` and
+``synth-<n>-SequentialDataset.pth`` (the pickle). Prints a JSON line with the paths, sizes and
+timings. Memory and time stay small: about 1.1 interactions per item (every item once, plus a
+popular head), short histories, and RecBole's own loader (create_dataset) builds the Dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+SASREC = {  # RecBole's SASRec defaults, window 50
+    "MAX_ITEM_LIST_LENGTH": 50,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "initializer_range": 0.02,
+    "loss_type": "CE",
+    "train_neg_sample_args": None,
+}
+
+
+def catalogue_name(n_items: int) -> str:
+    if n_items % 1_000_000 == 0:
+        return f"synth-{n_items // 1_000_000}m"
+    if n_items % 1000 == 0:
+        return f"synth-{n_items // 1000}k"
+    return f"synth-{n_items}"
+
+
+def write_atomic(path: Path, n_items: int, seed: int, extra: float = 0.1, mean_len: int = 10) -> int:
+    """``<name>.inter``: every item once (shuffled) plus ``extra * n_items`` Zipf-popular repeats,
+    cut into user histories of 3..2*mean_len items. Returns the number of interactions."""
+    rng = np.random.default_rng(seed)
+    head = rng.zipf(1.2, size=int(extra * n_items)) % n_items
+    items = np.concatenate([rng.permutation(n_items), head])
+    rng.shuffle(items)
+    lengths = rng.integers(3, 2 * mean_len + 1, size=len(items) // 3 + 1)
+    bounds = np.cumsum(lengths)
+    bounds = bounds[bounds < len(items)]
+    users = np.zeros(len(items), dtype=np.int64)
+    users[bounds] = 1
+    users = np.cumsum(users)
+    stamps = 1_000_000_000 + np.arange(len(items), dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        chunk = 200_000
+        for start in range(0, len(items), chunk):
+            rows = zip(
+                users[start : start + chunk].tolist(),
+                items[start : start + chunk].tolist(),
+                stamps[start : start + chunk].tolist(),
+                strict=True,
+            )
+            f.write("".join(f"u{u}\ti{i}\t{t}\n" for u, i, t in rows))
+    return len(items)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def make(n_items: int, out: Path, seed: int = 0) -> dict:
+    warnings.filterwarnings("ignore")
+    from recbole.config import Config
+    from recbole.data import create_dataset
+    from recbole.utils import get_model, get_trainer, init_seed
+
+    name = catalogue_name(n_items)
+    root = (out / name).resolve()
+    data = root / "data"
+    t0 = time.perf_counter()
+    n_inter = write_atomic(data / name / f"{name}.inter", n_items, seed)
+    t_write = time.perf_counter() - t0
+    config = Config(
+        model="SASRec",
+        dataset=name,
+        config_dict={
+            **SASREC,
+            "data_path": str(data),
+            "checkpoint_dir": str(root),
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "seed": seed,
+            "reproducibility": True,
+            "show_progress": False,
+            "state": "WARNING",
+            "use_gpu": False,
+            "device": "cpu",
+            "worker": 0,
+            "save_dataset": False,
+            "save_dataloaders": False,
+        },
+    )
+    init_seed(config["seed"], config["reproducibility"])
+    logging.getLogger().setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    dataset = create_dataset(config)
+    t_dataset = time.perf_counter() - t0
+    seen = dataset.item_num - 1  # minus [PAD]
+    if seen != n_items:
+        raise SystemExit(f"expected {n_items} items in the dataset, RecBole kept {seen}")
+    dataset.save()  # RecBole's own pickle: <checkpoint_dir>/<dataset>-SequentialDataset.pth
+    pickle_path = root / f"{name}-{type(dataset).__name__}.pth"
+    model = get_model("SASRec")(config, dataset)
+    with _cwd(root):  # the Trainer opens ./log_tensorboard
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    checkpoint = root / "SASRec.pth"
+    trainer.saved_model_file = str(checkpoint)
+    trainer._save_checkpoint(0, verbose=False)  # the Trainer's own save: the exact dict and torch.save
+    return {
+        "name": name,
+        "items": n_items,
+        "interactions": n_inter,
+        "checkpoint": str(checkpoint),
+        "dataset_pickle": str(pickle_path),
+        "data_path": str(data),
+        "checkpoint_mb": round(checkpoint.stat().st_size / 2**20, 1),
+        "dataset_pickle_mb": round(pickle_path.stat().st_size / 2**20, 1),
+        "write_s": round(t_write, 1),
+        "create_dataset_s": round(t_dataset, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, action="append", help="catalogue size (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("bench/.work/fixtures"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # RecBole's Config parses sys.argv too
+    for n in args.items or [1_000_000]:
+        print(json.dumps(make(n, args.out, args.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()

@@ -1,0 +1,39 @@
+"""Per-request costs of BentoML 1.4 that buy nothing here, removed without changing any answer.
+
+``IORootModel.mime_type()`` builds the output type's whole JSON schema (pydantic) on *every*
+response, only to learn that a ``list[RankResult]`` is sent as JSON/pickle: about 15% of the
+ranking worker's CPU under load (py-spy, bench/). The answer depends on the class alone, so it is
+cached per class.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("recbole_bento")
+_applied = False
+
+
+def apply() -> None:
+    """Idempotent; a BentoML without these internals is left as it is."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    try:
+        from _bentoml_sdk.io_models import IORootModel
+    except ImportError:  # pragma: no cover - another BentoML layout
+        logger.debug("bentoml_speedups: no _bentoml_sdk.io_models.IORootModel; nothing patched")
+        return
+    compute = IORootModel.mime_type.__func__  # the classmethod's function (defined on IOMixin)
+    cache: dict[type, str] = {}
+
+    def mime_type(cls: Any) -> str:
+        try:
+            return cache[cls]
+        except KeyError:
+            value = cache[cls] = compute(cls)
+            return value
+
+    IORootModel.mime_type = classmethod(mime_type)  # type: ignore[method-assign,assignment]

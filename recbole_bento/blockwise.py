@@ -1,0 +1,405 @@
+"""Exact top-k without the [batch, n_items] score matrix, for models that score by a dot product.
+
+For SASRec, GRU4Rec, NARM, ... RecBole's ``full_sort_predict`` is::
+
+    seq_output = self.forward(item_seq, item_seq_len)               # [B, H]
+    scores = torch.matmul(seq_output, self.item_embedding.weight.T)  # [B, n_items]
+
+With a large catalogue the naive path writes that B x N matrix (128 MB at B=32, N=1M) and reads
+it again in ``torch.topk``, whose CPU kernel copies every row into a (value, index) buffer. Here
+the table is scored in cache-sized blocks with the *same* matmul, and each block is reduced at
+once to the maximum of every chunk of ``chunk`` consecutive items (a vectorised ``amax``):
+
+1. Pass 1, per block: ``scores = q @ E[block].T`` (into a reused buffer), mask, chunk maxima.
+   Blocks are shared out to one thread per CPU. Where the CPU multiplies bfloat16 natively
+   (AVX512-BF16, AMX) pass 1 runs on a bfloat16 copy of the table: half the bytes, 2-3x the rate.
+2. Selection with proven error bounds: a pass-1 score is within ``slack = c * |q| * |e|`` of the
+   fp32 score (c from the fp32 / bfloat16 rounding analysis, |e| the largest item norm of the
+   chunk). The k-th largest ``max - slack`` over chunks is a lower bound L on the k-th best fp32
+   score, and a chunk whose ``max + slack`` is below L cannot hold a top-k item. The others are
+   kept: typically the k best chunks and a few near them.
+3. Pass 2: fp32 ``q @ E[items].T`` over the union of the kept chunks (the whole batch at once, as
+   full_sort_predict does), mask, ``torch.topk``.
+
+The answer is the exact top-k of fp32 dot products computed as the model computes them: nothing is
+approximated, pruned by heuristics or skipped. The scores can differ from the plain path's only by
+fp32 rounding (two matmul shapes; with MKL and H=64 they agree bit for bit in practice), and so
+the order only where scores tie to within rounding. The engine also compares both paths on probe
+queries at start-up and keeps the plain path if they ever disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+NEG_INF = float("-inf")
+
+# Models whose full_sort_predict is forward(...) @ item_embedding.weight.T, and how to call forward.
+_SEQ_AND_LEN = "seq_and_len"
+_SEQ_ONLY = "seq_only"
+DOT_PRODUCT_MODELS: dict[str, str] = {
+    "SASRec": _SEQ_AND_LEN,
+    "GRU4Rec": _SEQ_AND_LEN,
+    "NARM": _SEQ_AND_LEN,
+    "STAMP": _SEQ_AND_LEN,
+    "LightSANs": _SEQ_AND_LEN,
+    "GCSAN": _SEQ_AND_LEN,
+    "SRGNN": _SEQ_AND_LEN,
+    "SINE": _SEQ_AND_LEN,
+    "NextItNet": _SEQ_ONLY,
+}
+
+
+def query_fn(model: torch.nn.Module) -> Callable[[Any], torch.Tensor] | None:
+    """``interaction -> seq_output [B, H]`` exactly as the model's full_sort_predict computes it,
+    or None when the model does not score by a plain dot product with its item table."""
+    cls = type(model)
+    kind = DOT_PRODUCT_MODELS.get(cls.__name__)
+    if kind is None or not cls.__module__.startswith("recbole.model.sequential_recommender."):
+        return None
+    table = getattr(getattr(model, "item_embedding", None), "weight", None)
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        return None
+    if kind == _SEQ_AND_LEN:
+        return lambda inter: model.forward(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN])
+    return lambda inter: model.forward(inter[model.ITEM_SEQ])
+
+
+class BlockTopK:
+    """Exact masked top-k of ``q @ table[:n_items].T`` without materialising the score matrix.
+
+    Masks follow ``engine.apply_masks``: item 0 (padding) never, ``exclude`` never, and when
+    ``candidates`` is set only those items. Pass 1 may run in bfloat16 (*low_precision*; default:
+    where the CPU multiplies bfloat16 natively); pass 2 is always fp32.
+    """
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        n_items: int,
+        block_items: int = 8192,
+        chunk: int | None = None,
+        threads: int | None = None,
+        low_precision: bool | None = None,
+    ) -> None:
+        if chunk is None:  # 64 items, fewer for small blocks (at least 16 chunks a block)
+            chunk = 64
+            while chunk > 1 and chunk * 16 > block_items:
+                chunk //= 2
+        self.table = table
+        self.n_items = n_items
+        self.block = max(chunk, block_items - block_items % chunk)  # whole chunks
+        self.chunk = chunk
+        self.n_chunks = -(-n_items // chunk)
+        self._offsets = torch.arange(chunk, device=table.device)
+        # Error bounds (see _deviation): fp32 dot products of length H are within gamma_H * sum|q_i e_i|
+        # of exact in any summation order; |e| is bounded per chunk by its largest item norm.
+        dim = table.shape[1]
+        self._gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+        self._chunk_norm = self._per_chunk(lambda rows: torch.linalg.vector_norm(rows.double(), dim=1))
+        if low_precision is None:
+            low_precision = table.device.type == "cpu" and native_bf16()
+        self.low = table[:n_items].to(torch.bfloat16) if low_precision else None
+        if self.low is not None:  # per chunk, the largest |e - bfloat16(e)|
+            self._chunk_resid = self._per_chunk(
+                lambda rows: torch.linalg.vector_norm(rows.double() - rows.to(torch.bfloat16).double(), dim=1)
+            )
+        self.batches = 0  # batches with a bfloat16 pass 1,
+        self.fallbacks = 0  # of which too loose (too many chunks in reach), run again in fp32
+        # Pass 1 runs on this many threads, each op single-threaded when torch's intra-op threads
+        # are 1 (RECBOLE_BENTO_TORCH_THREADS=1): no OpenMP barrier to stall on a busy machine.
+        self.threads = threads if threads is not None else default_threads()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _per_chunk(self, row_values: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """[n_chunks] fp32: the largest of row_values(table rows) in each chunk (0 past the end),
+        computed 64k rows at a time (a float64 copy of a 1M-row table would be 512 MB)."""
+        out = torch.zeros(self.n_chunks * self.chunk, dtype=torch.float64, device=self.table.device)
+        for start in range(0, self.n_items, 65536):
+            end = min(start + 65536, self.n_items)
+            out[start:end] = row_values(self.table[start:end])
+        return out.view(self.n_chunks, self.chunk).amax(1).float()
+
+    def _deviation(self, q: torch.Tensor, maxima: torch.Tensor, low: bool) -> torch.Tensor:
+        """[P, n_chunks]: how far the fp32 score s2 that pass 2 computes for an item may lie from its
+        pass-1 score s1, for every item of the chunk, doubled as a safety margin.
+
+        fp32 pass 1: |s1 - s2| <= 2 gamma_H |q| |e|  (Cauchy-Schwarz on sum |q_i e_i|).
+        bfloat16 pass 1 on q' = bf16(q), e' = bf16(e), fp32 accumulation, result rounded to bfloat16
+        (unit roundoff u = 2**-8): |s1 - s2| <= u |s1| + |q'| |e - e'| + |q - q'| |e| + 2 gamma_H |q'| |e'|,
+        with the residuals |e - e'| measured per chunk at start-up and |q - q'| per query. For the
+        items of a chunk, |s1| <= |m| where it matters (s1 near the chunk maximum m)."""
+        qf = q.float()
+        if not low:
+            return 2 * 2 * self._gamma * torch.linalg.vector_norm(qf, dim=1, keepdim=True) * self._chunk_norm
+        u = 2.0**-8
+        qb = qf.to(torch.bfloat16).float()
+        nq = torch.linalg.vector_norm(qb, dim=1, keepdim=True)
+        dq = torch.linalg.vector_norm(qf - qb, dim=1, keepdim=True)
+        a = nq * self._chunk_resid + dq * self._chunk_norm + 2 * self._gamma * (1 + u) * nq * self._chunk_norm
+        return 2 * (u * maxima.abs().nan_to_num(posinf=0.0) + a)
+
+    # ------------------------------------------------------------------ pass 1
+
+    def _chunk_maxima(
+        self, q: torch.Tensor, excl_rows: torch.Tensor, excl_cols: torch.Tensor, low: bool
+    ) -> torch.Tensor:
+        """[B, n_chunks] fp32: the largest masked pass-1 score in every chunk of every row. The
+        blocks are shared out to ``self.threads`` threads (each writes its own columns)."""
+        n, block = self.n_items, self.block
+        table = self.low if low else self.table
+        maxima = torch.empty((q.shape[0], self.n_chunks), dtype=torch.float32, device=q.device)
+        q = q.to(table.dtype)
+        # excluded (row, item) pairs sorted by item: each block masks its own slice
+        bounds = torch.searchsorted(excl_cols, torch.arange(0, n + block, block, device=q.device)).tolist()
+        starts = list(range(0, n, block))
+        parts = min(self.threads, len(starts))
+        args = (q, table, maxima, bounds, excl_rows, excl_cols)
+        if parts <= 1:
+            self._blocks(starts, *args)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="block-topk")
+            size = -(-len(starts) // parts)
+            futures = [
+                self._pool.submit(self._blocks, starts[i : i + size], *args)
+                for i in range(0, len(starts), size)
+            ]
+            for future in futures:
+                future.result()
+        return maxima
+
+    def _blocks(
+        self,
+        starts: list[int],
+        q: torch.Tensor,
+        table: torch.Tensor,
+        maxima: torch.Tensor,
+        bounds: list[int],
+        excl_rows: torch.Tensor,
+        excl_cols: torch.Tensor,
+    ) -> None:
+        """Pass 1 over the blocks at *starts*: score, mask, chunk maxima into *maxima*."""
+        n, block, chunk = self.n_items, self.block, self.chunk
+        batch = q.shape[0]
+        with torch.inference_mode():  # thread-local: a pool thread starts outside it
+            buf = torch.empty((batch, block), dtype=torch.float32, device=q.device)
+            low = (
+                torch.empty((batch, block), dtype=q.dtype, device=q.device) if q.dtype != buf.dtype else None
+            )
+            for start in starts:
+                end = min(start + block, n)
+                width = end - start
+                if width == block:
+                    scores = buf
+                    if low is None:
+                        torch.mm(q, table[start:end].T, out=scores)
+                    else:  # bfloat16 product; fp32 for the masks and maxima (amax is 3x slower in bf16)
+                        torch.mm(q, table[start:end].T, out=low)
+                        scores.copy_(low)
+                else:  # the tail: pad to whole chunks with -inf
+                    padded = -(-width // chunk) * chunk
+                    scores = torch.full((batch, padded), NEG_INF, dtype=torch.float32, device=q.device)
+                    scores[:, :width] = torch.mm(q, table[start:end].T)
+                if start == 0:
+                    scores[:, 0] = NEG_INF
+                lo, hi = bounds[start // block], bounds[start // block + 1]
+                if hi > lo:
+                    scores[excl_rows[lo:hi], excl_cols[lo:hi] - start] = NEG_INF
+                first = start // chunk
+                last = first + scores.shape[1] // chunk
+                torch.amax(scores.view(batch, -1, chunk), dim=2, out=maxima[:, first:last])
+
+    def _select(self, q: torch.Tensor, maxima: torch.Tensor, kc: int, low: bool) -> torch.Tensor | None:
+        """[P, w] chunk ids per row (-1 = none) that contain every item of the row's top-k, or None
+        when the bounds leave too many. Every item of a chunk scores (fp32) within +-slack of its
+        pass-1 score, so: the chunk's best item scores at least m - slack (m: the chunk's pass-1
+        maximum), the k-th largest m - slack over chunks is a lower bound L on the k-th best score
+        (k distinct items reach it), and a chunk whose m + slack is below L holds no top-k item."""
+        slack = self._deviation(q, maxima, low)
+        floor = torch.topk(maxima - slack, kc, dim=1).values[:, -1:]  # L, [P, 1]
+        reach = (maxima + slack).masked_fill(maxima + slack < floor, NEG_INF)
+        width = int((reach > NEG_INF).sum(1).max())
+        if width > 4 * kc + 16:
+            return None
+        top = torch.topk(reach, max(width, 1), dim=1)
+        return top.indices.masked_fill(top.values == NEG_INF, -1)
+
+    # ------------------------------------------------------------------ pass 2
+
+    def topk(
+        self, q: torch.Tensor, queries: Sequence[Any], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, indices), each [B, <=k] and sorted like torch.topk, or None when the batch is
+        better served by the plain path (top-k so large that most of the table is re-scored)."""
+        batch, device, chunk = q.shape[0], q.device, self.chunk
+        k = min(k, self.n_items)
+        kc = min(k, self.n_chunks)
+        if kc * chunk > self.n_items // 2:  # one row alone would re-score half the table
+            return None
+        plain_rows = [r for r, query in enumerate(queries) if query.candidates is None]
+        excl_rows, excl_cols = _exclusions(queries, device)
+        picked = None
+        if plain_rows:
+            rows = torch.tensor(plain_rows, device=device)
+            order = torch.sort(excl_cols, stable=True)
+            excl = (excl_rows[order.indices], order.values)
+            if self.low is not None:
+                picked = self._select(q[rows], self._chunk_maxima(q, *excl, low=True)[rows], kc, True)
+                self.batches += 1
+                self.fallbacks += picked is None
+                if self.fallbacks > 50 and self.fallbacks > self.batches // 5:
+                    self.low = None  # this model's norms make the bfloat16 bounds too loose: fp32 only
+            if picked is None:
+                picked = self._select(q[rows], self._chunk_maxima(q, *excl, low=False)[rows], kc, False)
+            if picked is None:
+                return None  # too many near-ties: let the plain path decide
+        # per row, the item ids to re-score: the items of its picked chunks, or its candidates
+        widths = [len(x.candidates) for x in queries if x.candidates is not None]
+        width = max([picked.shape[1] * chunk if picked is not None else 0, *widths, 1])
+        ids = torch.full((batch, width), -1, dtype=torch.long, device=device)
+        if picked is not None:
+            items = picked.unsqueeze(2) * chunk + self._offsets
+            items = items.masked_fill((picked < 0).unsqueeze(2) | (items >= self.n_items), -1)
+            ids[rows, : items.shape[1] * chunk] = items.reshape(len(plain_rows), -1)
+        for row, query in enumerate(queries):
+            if query.candidates is not None and query.candidates:
+                cand = torch.unique(torch.as_tensor(query.candidates, dtype=torch.long, device=device))
+                ids[row, : cand.numel()] = cand
+        union = torch.unique(ids[ids >= 0])
+        if union.numel() > self.n_items // 2:
+            return None
+        scores = torch.mm(q, self.table[union].T)  # [B, U]: fp32 dot products, as full_sort_predict's
+        valid = ids >= 0
+        cols = torch.searchsorted(union, ids.clamp(min=0)).clamp(max=max(union.numel() - 1, 0))
+        values = scores.gather(1, cols) if union.numel() else torch.empty_like(ids, dtype=q.dtype)
+        mask = ~valid | (ids == 0)
+        if excl_cols.numel():
+            keys = torch.arange(batch, device=device).unsqueeze(1) * self.n_items + ids
+            mask |= torch.isin(keys, excl_rows * self.n_items + excl_cols)
+        values = values.masked_fill(mask, NEG_INF)
+        top_values, pos = torch.topk(values, min(k, width), dim=1)
+        return top_values, ids.gather(1, pos)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); Linux only."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on, divided by torch's intra-op threads (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, torch.get_num_threads()))
+
+
+def _exclusions(queries: Sequence[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, query in enumerate(queries):
+        rows.extend([row] * len(query.exclude))
+        cols.extend(query.exclude)
+    return (
+        torch.tensor(rows, dtype=torch.long, device=device),
+        torch.tensor(cols, dtype=torch.long, device=device),
+    )
+
+
+class BlockRanker:
+    """``query`` (interaction -> [B, H]) and the block top-k over the model's item table."""
+
+    def __init__(self, query: Callable[[Any], torch.Tensor], scorer: BlockTopK) -> None:
+        self.query = query
+        self.scorer = scorer
+
+    @torch.inference_mode()
+    def topk(
+        self, interaction: Any, queries: Sequence[Any], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.scorer.topk(self.query(interaction), queries, k)
+
+
+def block_ranker(engine: Any, block_items: int, min_items: int | None = None) -> BlockRanker | None:
+    """A BlockRanker for the engine's model, or None where the plain path is the one to use: the
+    model is not a dot product with its item table, the catalogue is small (< *min_items*,
+    default 4 blocks), the device is not a CPU (a GPU keeps the B x N matrix in its own memory),
+    or the block path disagrees with the plain path on probe queries at start-up."""
+    if block_items <= 0 or engine.device.type != "cpu":
+        return None
+    if engine.n_items < (4 * block_items if min_items is None else min_items):
+        return None
+    query = query_fn(engine.model)
+    if query is None:
+        return None
+    table = engine.model.item_embedding.weight.detach()
+    if table.shape[0] != engine.n_items or table.dtype != torch.float32:
+        return None
+    ranker = BlockRanker(query, BlockTopK(table, engine.n_items, block_items))
+    return ranker if _agrees(engine, ranker) else None
+
+
+def _agrees(engine: Any, ranker: BlockRanker) -> bool:
+    """Same items and the same scores (to fp32 rounding) as the plain path on a few probes."""
+    from .engine import RankQuery, apply_masks
+
+    n = engine.n_items
+    gen = torch.Generator().manual_seed(0)
+    probes = [
+        RankQuery([1], 10),
+        RankQuery(torch.randint(1, n, (engine.artifact.window,), generator=gen).tolist(), 10),
+        RankQuery(torch.randint(1, n, (3,), generator=gen).tolist(), 5),
+    ]
+    with torch.inference_mode():
+        # exclude the plain path's best items of the first probe: masks must hold in pass 1
+        first = engine.plain_topk(probes[:1], 10)[1][0].tolist()
+        probes[0].exclude = first[:5]
+        probes[2].candidates = first[5:] + [0, n - 1]
+        got = ranker.topk(engine.interaction(probes), probes, 10)
+        want = engine.plain_topk(probes, 10)
+        scores = engine.scores(probes).float()
+        apply_masks(scores, probes)
+    if got is None:
+        return True  # the batch went the plain way; nothing to compare
+    for row, probe in enumerate(probes):
+        k = probe.topk
+        if not same_topk(got[0][row, :k], got[1][row, :k], want[0][row, :k], scores[row]):
+            import logging
+
+            logging.getLogger("recbole_bento").warning(
+                "block top-k disagrees with the plain path on a probe; using the plain path"
+            )
+            return False
+    return True
+
+
+def same_topk(
+    values: torch.Tensor,
+    items: torch.Tensor,
+    ref_values: torch.Tensor,
+    row_scores: torch.Tensor,
+    rtol: float = 1e-5,
+) -> bool:
+    """One row of a top-k answer (-inf entries dropped) against the plain path's: the same scores
+    position by position, and each returned item really scores that (*row_scores*: the row's
+    masked full scores), both to within *rtol*. Items may differ only where scores tie."""
+    keep, ref_keep = values > NEG_INF, ref_values > NEG_INF
+    values, items, ref_values = values[keep], items[keep], ref_values[ref_keep]
+    if values.numel() != ref_values.numel():
+        return False
+    tol = rtol * ref_values.abs().clamp(min=1.0)
+    return bool(
+        ((values - ref_values).abs() <= tol).all() and ((row_scores[items] - values).abs() <= tol).all()
+    )

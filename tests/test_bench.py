@@ -1,0 +1,61 @@
+"""The benchmark harness's own pieces (bench/), and the BentoML per-response patch. No timings."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import loadgen  # noqa: E402
+import make_large_fixture  # noqa: E402
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert loadgen.percentile(values, 50) == 50
+    assert loadgen.percentile(values, 99) == 99
+    assert loadgen.percentile([7.0], 99) == 7.0
+    assert loadgen.percentile([], 50) != loadgen.percentile([], 50)  # NaN
+
+
+def test_batch_histogram_sums_the_rank_method_over_workers() -> None:
+    text = "\n".join(
+        [
+            "# TYPE bentoml_service_adaptive_batch_size histogram",
+            'bentoml_service_adaptive_batch_size_sum{method_name="rank",worker_index="1"} 30.0',
+            'bentoml_service_adaptive_batch_size_count{method_name="rank",worker_index="1"} 3.0',
+            'bentoml_service_adaptive_batch_size_sum{method_name="rank",worker_index="2"} 10.0',
+            'bentoml_service_adaptive_batch_size_count{method_name="rank",worker_index="2"} 2.0',
+            'bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="rank",worker_index="1"} 0.0',
+            'bentoml_service_adaptive_batch_size_sum{method_name="other",worker_index="1"} 99.0',
+        ]
+    )
+    assert loadgen.batch_histogram(text) == (40.0, 5.0)
+
+
+def test_fixture_atomic_file_sees_every_item(tmp_path) -> None:
+    path = tmp_path / "synth" / "synth.inter"
+    n_inter = make_large_fixture.write_atomic(path, 1000, seed=0)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "user_id:token\titem_id:token\ttimestamp:float"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert len(rows) == n_inter >= 1000
+    assert {item for _, item, _ in rows} == {f"i{i}" for i in range(1000)}
+    assert make_large_fixture.catalogue_name(1_000_000) == "synth-1m"
+    assert make_large_fixture.catalogue_name(100_000) == "synth-100k"
+
+
+def test_mime_type_cache_keeps_every_answer() -> None:
+    from _bentoml_sdk.io_models import IORootModel, ensure_io_descriptor
+
+    from recbole_bento import bentoml_speedups
+    from recbole_bento.engine import RankResult
+
+    kinds = [list[RankResult], str, bytes, dict[str, int]]
+    before = [ensure_io_descriptor(kind).mime_type() for kind in kinds]
+    bentoml_speedups.apply()
+    bentoml_speedups.apply()  # idempotent
+    assert [ensure_io_descriptor(kind).mime_type() for kind in kinds] == before
+    assert IORootModel.mime_type.__func__.__name__ == "mime_type"
