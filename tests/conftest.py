@@ -89,6 +89,13 @@ def free_port() -> int:
 def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) -> Iterator[str]:
     """`bentoml serve` on 127.0.0.1 for *tag*; yields the base URL once /readyz answers 200."""
     port = free_port()
+    # Each server gets its own BentoML home sharing the one model store: `bentoml serve` empties
+    # <home>/prometheus_multiproc_dir at start, which would blank the metrics of servers running.
+    shared = Path(os.environ["BENTOML_HOME"])
+    (shared / "models").mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="bentoml-serve-home-"))
+    (home / "models").symlink_to(shared / "models")
+    env = {"BENTOML_HOME": str(home), **env}
     log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],

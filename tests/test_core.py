@@ -265,7 +265,7 @@ def test_bad_requests_are_400(sasrec_server, body, fragment):
     assert fragment in response.text
 
 
-def test_concurrent_requests_batch_without_errors(sasrec, sasrec_tag):
+def test_concurrent_requests_batch_without_errors(sasrec, sasrec_server):
     tokens = list(sasrec.dataset.field2id_token[sasrec.dataset.iid_field])[1:]
     rng = np.random.default_rng(0)
     bodies = [
@@ -278,12 +278,9 @@ def test_concurrent_requests_batch_without_errors(sasrec, sasrec_tag):
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
             return await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
 
-    # Its own server: a second `bentoml serve` on the same BENTOML_HOME resets the shared
-    # prometheus multiprocess directory, which would blank this server's histogram.
-    with serving(sasrec_tag) as url:
-        before = _batch_histogram(url)
-        responses = asyncio.run(run(url))
-        after = _batch_histogram(url)
+    before = _batch_histogram(sasrec_server)
+    responses = asyncio.run(run(sasrec_server))
+    after = _batch_histogram(sasrec_server)
     assert [r.status_code for r in responses] == [200] * len(bodies)
     assert all(len(r.json()["item_list"]) == 10 for r in responses)
     calls, sequences = after[0] - before[0], after[1] - before[1]
