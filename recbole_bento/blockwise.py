@@ -86,6 +86,7 @@ class BlockTopK:
         chunk: int | None = None,
         threads: int | None = None,
         low_precision: bool | None = None,
+        min_scores: int = 0,
     ) -> None:
         if chunk is None:  # 64 items, fewer for small blocks (at least 16 chunks a block)
             chunk = 64
@@ -93,6 +94,7 @@ class BlockTopK:
                 chunk //= 2
         self.table = table
         self.n_items = n_items
+        self.min_scores = min_scores  # smaller batches (batch x n_items) take the plain path
         self.block = max(chunk, block_items - block_items % chunk)  # whole chunks
         self.chunk = chunk
         self.n_chunks = -(-n_items // chunk)
@@ -233,11 +235,14 @@ class BlockTopK:
     # ------------------------------------------------------------------ pass 2
 
     def topk(
-        self, q: torch.Tensor, queries: Sequence[Any], k: int
+        self, q: torch.Tensor, queries: Sequence[Any], k: int, force: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, indices), each [B, <=k] and sorted like torch.topk, or None when the batch is
-        better served by the plain path (top-k so large that most of the table is re-scored)."""
+        better served by the plain path: a score matrix under *min_scores* (cheap to materialise;
+        unless *force*), or a top-k so large that most of the table would be re-scored."""
         batch, device, chunk = q.shape[0], q.device, self.chunk
+        if not force and batch * self.n_items < self.min_scores:
+            return None
         k = min(k, self.n_items)
         kc = min(k, self.n_chunks)
         if kc * chunk > self.n_items // 2:  # one row alone would re-score half the table
@@ -327,9 +332,11 @@ class BlockRanker:
 
     @torch.inference_mode()
     def topk(
-        self, interaction: Any, queries: Sequence[Any], k: int
+        self, interaction: Any, queries: Sequence[Any], k: int, force: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.scorer.topk(self.query(interaction), queries, k)
+        if not force and len(queries) * self.scorer.n_items < self.scorer.min_scores:
+            return None  # before the model's forward: the plain path runs it again
+        return self.scorer.topk(self.query(interaction), queries, k, force)
 
 
 def block_ranker(engine: Any, block_items: int, min_items: int | None = None) -> BlockRanker | None:
@@ -347,7 +354,8 @@ def block_ranker(engine: Any, block_items: int, min_items: int | None = None) ->
     table = engine.model.item_embedding.weight.detach()
     if table.shape[0] != engine.n_items or table.dtype != torch.float32:
         return None
-    ranker = BlockRanker(query, BlockTopK(table, engine.n_items, block_items))
+    # below 64 blocks' worth of scores (0.5M at the default: a 2 MB matrix) the plain path is as fast
+    ranker = BlockRanker(query, BlockTopK(table, engine.n_items, block_items, min_scores=64 * block_items))
     return ranker if _agrees(engine, ranker) else None
 
 
@@ -367,7 +375,7 @@ def _agrees(engine: Any, ranker: BlockRanker) -> bool:
         first = engine.plain_topk(probes[:1], 10)[1][0].tolist()
         probes[0].exclude = first[:5]
         probes[2].candidates = first[5:] + [0, n - 1]
-        got = ranker.topk(engine.interaction(probes), probes, 10)
+        got = ranker.topk(engine.interaction(probes), probes, 10, force=True)
         want = engine.plain_topk(probes, 10)
         scores = engine.scores(probes).float()
         apply_masks(scores, probes)
