@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,6 +28,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import run_load  # noqa: E402  (bench/loadgen.py: the closed-loop generator)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recbole_bento.local_server import local_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -132,45 +132,6 @@ def passed(report: dict, max_rss_growth: float = 0.10) -> bool:
     )
 
 
-@contextlib.contextmanager
-def own_server(model: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`bentoml serve` for *model* on a free loopback port, until the block ends."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", prefix="load-test-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "RECBOLE_BENTO_MODEL": model, **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"bentoml serve exited:\n{Path(log.name).read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"not ready in 180 s; log: {log.name}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
@@ -185,7 +146,7 @@ def main() -> int:
     if args.url:
         check_loopback(args.url)
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(own_server(args.model))
+        url = args.url or stack.enter_context(local_server(args.model))
         bodies = make_bodies(item_tokens(url))
         report = soak(
             url,

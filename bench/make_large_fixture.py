@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recbole_bento.training import QUIET_CPU  # noqa: E402
+
 SASREC = {  # RecBole's SASRec defaults, window 50
     "MAX_ITEM_LIST_LENGTH": 50,
     "hidden_size": 64,
@@ -111,13 +114,7 @@ def make(n_items: int, out: Path, seed: int = 0) -> dict:
             "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
             "seed": seed,
             "reproducibility": True,
-            "show_progress": False,
-            "state": "WARNING",
-            "use_gpu": False,
-            "device": "cpu",
-            "worker": 0,
-            "save_dataset": False,
-            "save_dataloaders": False,
+            **QUIET_CPU,
         },
     )
     init_seed(config["seed"], config["reproducibility"])

@@ -35,6 +35,17 @@ SMALL = {  # seconds on 2 cores, good enough to rank sensibly
     "loss_type": "CE",
 }
 
+# Train on the CPU, log only warnings, and leave no dataset/dataloader caches behind.
+QUIET_CPU = {
+    "show_progress": False,
+    "state": "WARNING",
+    "use_gpu": False,
+    "device": "cpu",
+    "worker": 0,
+    "save_dataset": False,
+    "save_dataloaders": False,
+}
+
 
 @dataclass
 class Trained:
@@ -68,13 +79,7 @@ def train(
         **SMALL,
         "data_path": str(data_path),
         "checkpoint_dir": str(out_dir),
-        "show_progress": False,
-        "state": "WARNING",
-        "use_gpu": False,
-        "device": "cpu",
-        "worker": 0,
-        "save_dataset": False,
-        "save_dataloaders": False,
+        **QUIET_CPU,
         **(overrides or {}),
     }
     config = Config(model=model, dataset=dataset, config_dict=config_dict)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +15,9 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="recbole-bento-home-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-import httpx  # noqa: E402
 import pytest  # noqa: E402
 
+from recbole_bento.local_server import free_port, local_server  # noqa: E402, F401
 from recbole_bento.training import RECBOLE_DATASETS, Trained, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,16 +77,9 @@ def import_ok(*args: str | Path) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) -> Iterator[str]:
     """`bentoml serve` on 127.0.0.1 for *tag*; yields the base URL once /readyz answers 200."""
-    port = free_port()
     # Each server gets its own BentoML home sharing the one model store: `bentoml serve` empties
     # <home>/prometheus_multiproc_dir at start, which would blank the metrics of servers running.
     shared = Path(os.environ["BENTOML_HOME"])
@@ -96,37 +87,8 @@ def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) 
     home = Path(tempfile.mkdtemp(prefix="bentoml-serve-home-"))
     (home / "models").symlink_to(shared / "models")
     env = {"BENTOML_HOME": str(home), **env}
-    log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=cwd,
-        env={**os.environ, "RECBOLE_BENTO_MODEL": tag, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited:\n{Path(log.name).read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready in {ready_timeout}s:\n{Path(log.name).read_text()[-4000:]}")
-            time.sleep(0.5)
+    with local_server(tag, cwd=cwd, env=env, ready_timeout=ready_timeout) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        serving.last_log = Path(log.name).read_text()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
