@@ -25,12 +25,20 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def local_server(
-    tag: str, *, cwd: Path = ROOT, env: dict[str, str] | None = None, ready_timeout: float = 180
+    tag: str,
+    *,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 180,
+    log_path: Path | None = None,
 ) -> Iterator[str]:
     """Serve *tag* from *cwd* on 127.0.0.1; yields the base URL once /readyz answers 200, stops
-    the whole process group (SIGTERM, then SIGKILL after 60 s) when the block ends."""
+    the whole process group (SIGTERM, then SIGKILL after 60 s) when the block ends. The server's
+    output goes to *log_path* (default: a temporary file)."""
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
+    if log_path is None:
+        log_path = Path(tempfile.mkstemp(prefix="bentoml-serve-", suffix=".log")[1])
+    log = open(log_path, "w+")  # the server writes to it until the block ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
         cwd=cwd,
@@ -60,3 +68,4 @@ def local_server(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+        log.close()

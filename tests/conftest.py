@@ -87,8 +87,12 @@ def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) 
     home = Path(tempfile.mkdtemp(prefix="bentoml-serve-home-"))
     (home / "models").symlink_to(shared / "models")
     env = {"BENTOML_HOME": str(home), **env}
-    with local_server(tag, cwd=cwd, env=env, ready_timeout=ready_timeout) as url:
-        yield url
+    log = home / "serve.log"
+    try:
+        with local_server(tag, cwd=cwd, env=env, ready_timeout=ready_timeout, log_path=log) as url:
+            yield url
+    finally:
+        serving.last_log = log.read_text() if log.exists() else ""  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
