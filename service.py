@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 
 import bentoml
 import numpy as np
@@ -16,7 +15,6 @@ from bentoml.exceptions import InvalidArgument
 from bentoml.models import BentoModel
 
 from recbole_bento import bentoml_speedups, http_guard, lifecycle, observability, store
-from recbole_bento.artifact import verify_digests
 from recbole_bento.engine import Engine, RankQuery, RankResult
 from recbole_bento.schemas import SETTINGS, ModelInfo, RecommendRequest, RecommendResponse
 
@@ -29,7 +27,8 @@ _STORED = store.resolve(SETTINGS.model)
 MODEL_TAG = str(_STORED.tag)
 # Each process that imports this checks the stored files, the `bentoml serve` process first: an altered
 # model stops the server before any worker starts, and the error names the file (docs/errors.md).
-verify_digests(Path(_STORED.path), _STORED.info.metadata.get("files", {}))
+# The services below load with verified=True: hashing a large model once per process is enough.
+store.verify(_STORED)
 http_guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
 bentoml_speedups.apply()  # per-response costs of BentoML that change no answer
 
@@ -53,7 +52,9 @@ class Ranker:
         if SETTINGS.torch_threads:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.engine = Engine(
-            store.load(self.stored_model), device=SETTINGS.device, block_items=SETTINGS.block_items
+            store.load(self.stored_model, verified=True),
+            device=SETTINGS.device,
+            block_items=SETTINGS.block_items,
         )
         logger.info("loaded %s on %s", MODEL_TAG, self.engine.device)
         # On SIGTERM keep ranking until the public service has answered what it accepted.
@@ -83,7 +84,7 @@ class Recommender:
 
     def __init__(self) -> None:
         stored = self.stored_model
-        artifact = store.load(stored, load_weights=False)
+        artifact = store.load(stored, load_weights=False, verified=True)
         self.metadata = dict(stored.info.metadata)
         self.spec = artifact.spec
         self.item_tokens = artifact.item_tokens

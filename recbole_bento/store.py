@@ -9,7 +9,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
-from .artifact import Artifact, ArtifactError, load_artifact
+from .artifact import Artifact, ArtifactError, load_artifact, verify_digests
 
 FORMAT = "recbole-bento/1"  # metadata["format"]: marks models this project can serve
 
@@ -38,6 +38,12 @@ def resolve(tag: str | None) -> bentoml.Model:
     return max(ours, key=lambda m: m.info.creation_time)
 
 
-def load(model: bentoml.Model, *, load_weights: bool = True) -> Artifact:
-    """Load a stored model after checking every file against the sha256 recorded at import."""
-    return load_artifact(Path(model.path), model.info.metadata.get("files", {}), load_weights=load_weights)
+def verify(model: bentoml.Model) -> None:
+    """Check every stored file against the sha256 recorded at import (ArtifactError names the file)."""
+    verify_digests(Path(model.path), model.info.metadata.get("files", {}))
+
+
+def load(model: bentoml.Model, *, load_weights: bool = True, verified: bool = False) -> Artifact:
+    """Load a stored model; unless this process already ran ``verify`` on it, check it first."""
+    digests = None if verified else model.info.metadata.get("files", {})
+    return load_artifact(Path(model.path), digests, load_weights=load_weights)
