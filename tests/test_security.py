@@ -142,9 +142,17 @@ CONFIG = _global("recbole.config.configurator", "Config")
 DATASET = _global("recbole.data.dataset.sequential_dataset", "SequentialDataset")
 
 
-def _config_args(marker: Path) -> bytes:
-    payload = f"__import__('os').system({touch(marker)!r})"
-    return _value(("SASRec", "ml-100k", None, {"note": payload}))
+def _config_arg_values(marker: Path) -> tuple:
+    """Config(model, dataset, config_file_list, config_dict): Config evals config_dict strings."""
+    return ("SASRec", "ml-100k", None, {"note": f"__import__('os').system({touch(marker)!r})"})
+
+
+def _config_args(marker: Path) -> bytes:  # the arguments as one tuple (REDUCE)
+    return _value(_config_arg_values(marker))
+
+
+def _config_arg_items(marker: Path) -> bytes:  # the arguments pushed one by one (OBJ, INST)
+    return b"".join(_value(a) for a in _config_arg_values(marker))
 
 
 def _new_dataset() -> bytes:  # SequentialDataset.__new__(SequentialDataset), as genuine pickles do
@@ -183,25 +191,12 @@ TRICKS = {
         True,
     ),
     "OBJ opcode on a RecBole class": (
-        lambda m: (
-            P2
-            + b"("
-            + CONFIG
-            + b"".join(_value(a) for a in ("SASRec", "ml-100k", None))
-            + _value({"note": f"__import__('os').system({touch(m)!r})"})
-            + b"o."
-        ),
+        lambda m: P2 + b"(" + CONFIG + _config_arg_items(m) + b"o.",
         "calls recbole.config.configurator.Config",
         True,
     ),
     "INST opcode on a RecBole class": (
-        lambda m: (
-            P2
-            + b"("
-            + b"".join(_value(a) for a in ("SASRec", "ml-100k", None))
-            + _value({"note": f"__import__('os').system({touch(m)!r})"})
-            + b"irecbole.config.configurator\nConfig\n."
-        ),
+        lambda m: P2 + b"(" + _config_arg_items(m) + b"irecbole.config.configurator\nConfig\n.",
         "calls recbole.config.configurator.Config",
         True,
     ),
