@@ -11,7 +11,8 @@ import warnings
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
+from bentoml._internal.marshal.dispatcher import CorkDispatcher  # the adaptive batcher of batchable APIs
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from bentoml.models import BentoModel
 
 from recbole_bento import bentoml_speedups, http_guard, lifecycle, observability, store
@@ -31,6 +32,9 @@ MODEL_TAG = str(_STORED.tag)
 store.verify(_STORED)
 http_guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
 bentoml_speedups.apply()  # per-response costs of BentoML that change no answer
+API_PATHS = ["/recommend", "/recommend_batch", "/model_info"]
+# No OpenTelemetry span per request unless tracing is switched on (bentoml_speedups.untraced).
+TRACING = bentoml_speedups.untraced([*API_PATHS, "/rank"])
 
 
 @bentoml.service(
@@ -40,6 +44,7 @@ bentoml_speedups.apply()  # per-response costs of BentoML that change no answer
     # may still be in flight on it (upstream issue 5540): never recycle.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
     traffic={"timeout": SETTINGS.request_timeout_s},
+    tracing=TRACING,
 )
 class Ranker:
     """Scores whole batches of histories with the model's own full_sort_predict."""
@@ -75,9 +80,21 @@ class Ranker:
         return str(self.engine.device)
 
 
-@bentoml.service(name="recbole_recommender", traffic={"timeout": SETTINGS.request_timeout_s})
+@bentoml.service(
+    name="recbole_recommender",
+    workers=SETTINGS.api_workers or 1,
+    traffic={"timeout": SETTINGS.request_timeout_s},
+    tracing=TRACING,
+)
 class Recommender:
-    """Public API. Everything a request can get wrong is refused here, before batching."""
+    """Public API. Everything a request can get wrong is refused here, before batching.
+
+    Single /recommend calls reach the ranker through BentoML's adaptive batcher (``CorkDispatcher``)
+    in this process too: the requests that arrive while one ranker call is in flight go in the next
+    call, as one list. One HTTP hop to the ranker per batch instead of per request: the ranker's
+    per-call cost (HTTP, (de)serialising, dispatch) was half of all CPU per request on ml-100k
+    (docs/benchmarks.md). The ranker batches again across public workers and /recommend_batch calls.
+    """
 
     stored_model = BentoModel(MODEL_TAG)
     ranker = bentoml.depends(Ranker)
@@ -98,8 +115,17 @@ class Recommender:
         self.popularity = counts
         self.n_items = len(artifact.item_tokens) - 1
         self.max_topk = min(SETTINGS.max_topk, self.n_items)
+        self._rank_one = CorkDispatcher(
+            max_latency_in_ms=SETTINGS.max_latency_ms,
+            max_batch_size=SETTINGS.max_batch_size,
+            fallback=_overloaded,
+            get_batch_size=lambda _query: 1,
+        )(self._rank_many)
         lifecycle.install("recbole_recommender", SETTINGS.shutdown_grace_s, outlive_callers=False)
         bentoml_speedups.freeze_startup_objects()
+
+    async def _rank_many(self, queries: tuple[RankQuery, ...]) -> list[RankResult]:
+        return await self.ranker.to_async.rank(list(queries))
 
     # ------------------------------------------------------------------ helpers
 
@@ -151,7 +177,10 @@ class Recommender:
     async def _answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
         plans = [self._plan(r) for r in requests]  # raises before anything is batched
         to_rank = [q for q, _ in plans if q is not None]
-        ranked = iter(await self.ranker.to_async.rank(to_rank) if to_rank else [])
+        if len(to_rank) == 1:
+            ranked = iter([await self._rank_one(to_rank[0])])
+        else:
+            ranked = iter(await self.ranker.to_async.rank(to_rank) if to_rank else [])
         out = []
         for req, (query, unknown) in zip(requests, plans, strict=False):
             if query is None:
@@ -206,13 +235,18 @@ class Recommender:
         )
 
 
+def _overloaded() -> RankResult:
+    """What a request gets when the batcher drops it: waiting longer than max_latency_ms (503)."""
+    raise ServiceUnavailable("the ranker is overloaded: retry later")
+
+
 # Refused /recommend* calls by outcome, next to the answered ones counted in _answer (docs/operations.md).
 Recommender.add_asgi_middleware(observability.RefusalMetricsMiddleware, model_tag=MODEL_TAG)
 # The front door (docs/errors.md): concurrency limit (429 + Retry-After), body size limit (413),
 # one-sentence error bodies, and the accepted/answered count logged at shutdown.
 Recommender.add_asgi_middleware(
     http_guard.RequestGuard,
-    api_paths=["/recommend", "/recommend_batch", "/model_info"],
+    api_paths=API_PATHS,
     max_body_bytes=SETTINGS.max_body_bytes,
     max_concurrency=SETTINGS.max_concurrency,
     retry_after_s=SETTINGS.retry_after_s,

@@ -13,14 +13,11 @@ import argparse
 import asyncio
 import json
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
-
-BATCH_METRIC = "bentoml_service_adaptive_batch_size"  # histogram: requests merged per model call
 
 
 @dataclass
@@ -115,20 +112,6 @@ def run_load(
     """Closed-loop load for at most *duration_s* seconds (plus the slowest answer in flight) and at
     most *max_requests* requests."""
     return asyncio.run(_load(url, bodies, concurrency, duration_s, max_requests, timeout_s))
-
-
-def batch_histogram(metrics_text: str, method: str = "rank") -> tuple[float, float]:
-    """(sum, count) of BentoML's adaptive batch size histogram for *method*, over all workers."""
-    total = count = 0.0
-    pattern = re.compile(rf"^{BATCH_METRIC}_(sum|count)\{{([^}}]*)\}} ([0-9.eE+-]+)$")
-    for line in metrics_text.splitlines():
-        m = pattern.match(line)
-        if m and f'method_name="{method}"' in m.group(2):
-            if m.group(1) == "sum":
-                total += float(m.group(3))
-            else:
-                count += float(m.group(3))
-    return total, count
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx  # noqa: E402
-from loadgen import LoadResult, batch_histogram, percentile, run_load  # noqa: E402
+from loadgen import LoadResult, percentile, run_load  # noqa: E402
+
+from recbole_bento import observability  # noqa: E402
 
 FIXTURES = WORK / "fixtures"
 DOCS = ROOT / "docs"
@@ -281,7 +283,7 @@ def baseline(fx: Fixture, cores: str | None, workers: int, threads: int) -> Iter
 
 def _batch_counts(url: str) -> tuple[float, float]:
     with contextlib.suppress(httpx.HTTPError):
-        return batch_histogram(httpx.get(f"{url}/metrics", timeout=10).text)
+        return observability.batch_counts(httpx.get(f"{url}/metrics", timeout=10).text)
     return (0.0, 0.0)
 
 
@@ -310,7 +312,7 @@ def measure(server: Server, fx: Fixture, bodies: list[bytes], c: int, rnd: int, 
     result = run_load(server.url + "/recommend", bodies, c, args.duration, args.max_requests, args.timeout)
     cpu_after = tree_cpu_s(server.proc.pid)
     after = _batch_counts(server.url) if server.name == "service" else (0.0, 0.0)
-    phase = Phase(fx.catalogue, server.name, c, rnd, result, after[0] - before[0], after[1] - before[1])
+    phase = Phase(fx.catalogue, server.name, c, rnd, result, after[1] - before[1], after[0] - before[0])
     phase.cpu_s = sum(cpu_after.values()) - sum(cpu_before.values())
     phase.ranker_cpu_s = cpu_after["ranker"] - cpu_before["ranker"]
     mean_batch = phase.batch_sum / phase.batch_count if phase.batch_count else float("nan")

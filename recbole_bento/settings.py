@@ -18,6 +18,7 @@ class Settings:
     max_latency_ms: int = 10_000  # adaptive batching: a request waits at most this long in total
     torch_threads: int = 0  # intra-op threads of the model worker; 0 = torch's default
     ranker_workers: int = 1  # model worker processes (each loads the model, batches on its own)
+    api_workers: int = 1  # public service processes (HTTP, validation, id mapping; no model)
     block_items: int = 8192  # exact block top-k over large catalogues (CPU); 0 = always full matrix
     # Traffic limits of the public service (docs/configuration.md); 0 turns a limit off.
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies -> 413, never read into memory

@@ -6,6 +6,8 @@ import sys
 
 from conftest import ROOT
 
+from recbole_bento import observability
+
 sys.path.insert(0, str(ROOT / "bench"))
 
 import loadgen  # noqa: E402
@@ -20,19 +22,20 @@ def test_percentile_is_nearest_rank() -> None:
     assert loadgen.percentile([], 50) != loadgen.percentile([], 50)  # NaN
 
 
-def test_batch_histogram_sums_the_rank_method_over_workers() -> None:
+def test_batch_counts_sum_the_model_call_histogram_over_label_sets() -> None:
     text = "\n".join(
         [
-            "# TYPE bentoml_service_adaptive_batch_size histogram",
-            'bentoml_service_adaptive_batch_size_sum{method_name="rank",worker_index="1"} 30.0',
-            'bentoml_service_adaptive_batch_size_count{method_name="rank",worker_index="1"} 3.0',
-            'bentoml_service_adaptive_batch_size_sum{method_name="rank",worker_index="2"} 10.0',
-            'bentoml_service_adaptive_batch_size_count{method_name="rank",worker_index="2"} 2.0',
-            'bentoml_service_adaptive_batch_size_bucket{le="1.0",method_name="rank",worker_index="1"} 0.0',
-            'bentoml_service_adaptive_batch_size_sum{method_name="other",worker_index="1"} 99.0',
+            "# TYPE recbole_bento_batch_size histogram",
+            'recbole_bento_batch_size_sum{model_tag="a:1"} 30.0',
+            'recbole_bento_batch_size_count{model_tag="a:1"} 3.0',
+            'recbole_bento_batch_size_sum{model_tag="b:2"} 10.0',
+            'recbole_bento_batch_size_count{model_tag="b:2"} 2.0',
+            'recbole_bento_batch_size_bucket{le="1.0",model_tag="a:1"} 0.0',
+            'bentoml_service_adaptive_batch_size_sum{method_name="rank",worker_index="1"} 99.0',
+            "recbole_bento_rank_seconds_count 7.0",
         ]
     )
-    assert loadgen.batch_histogram(text) == (40.0, 5.0)
+    assert observability.batch_counts(text) == (5.0, 40.0)
 
 
 def test_fixture_atomic_file_sees_every_item(tmp_path) -> None:

@@ -19,8 +19,10 @@ from conftest import (
     run_import,
     serving,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from recbole_bento import artifact as art
+from recbole_bento import observability
 from recbole_bento.engine import RankQuery, apply_masks, pad_histories
 from recbole_bento.safe_pickle import load_dataset_pickle
 
@@ -279,6 +281,7 @@ def test_concurrent_requests_batch_without_errors(sasrec, sasrec_server):
             return await asyncio.gather(*(client.post("/recommend", json=b) for b in bodies))
 
     before = _batch_histogram(sasrec_server)
+    ranker_calls_before = _ranker_calls(sasrec_server)
     responses = asyncio.run(run(sasrec_server))
     after = _batch_histogram(sasrec_server)
     assert [r.status_code for r in responses] == [200] * len(bodies)
@@ -286,18 +289,26 @@ def test_concurrent_requests_batch_without_errors(sasrec, sasrec_server):
     calls, sequences = after[0] - before[0], after[1] - before[1]
     assert sequences == len(bodies), "every request reaches the model exactly once"
     assert calls < sequences, "adaptive batching never put two requests in one model call"
+    ranker_calls = _ranker_calls(sasrec_server) - ranker_calls_before
+    assert 1 <= ranker_calls < len(bodies), "the public service sent each request to the ranker alone"
 
 
 def _batch_histogram(url: str) -> tuple[float, float]:
-    """(model calls, sequences) from BentoML's adaptive batch size histogram on /metrics."""
+    """(model calls, sequences) from the service's batch size histogram on /metrics."""
+    return observability.batch_counts(httpx.get(f"{url}/metrics").text)
+
+
+def _ranker_calls(url: str) -> float:
+    """HTTP calls the Ranker answered on /rank (BentoML's request counter, all workers)."""
     text = httpx.get(f"{url}/metrics").text
-    count = total = 0.0
-    for line in text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "bentoml_service_request_total"
+        and sample.labels.get("runner_name") == "recbole_ranker"
+        and sample.labels.get("endpoint") == "/rank"
+    )
 
 
 # ------------------------------------------------------------------ non-default field names

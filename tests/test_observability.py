@@ -10,10 +10,10 @@ import sys
 
 import httpx
 import pytest
-from conftest import ROOT
+from conftest import ROOT, serving
 from prometheus_client.parser import text_string_to_metric_families
 
-from recbole_bento import observability
+from recbole_bento import bentoml_speedups, observability
 from recbole_bento.settings import Settings
 
 OURS = (
@@ -141,3 +141,23 @@ def test_operations_doc_names_every_metric_and_alert():
     source = (ROOT / "recbole_bento" / "observability.py").read_text()
     defined = {f"recbole_bento_{m}" for m in re.findall(r'f"\{PREFIX\}_(\w+)"', source)}
     assert {n.removesuffix("_total") for n in OURS} == defined
+
+
+def test_api_paths_skip_unsampled_tracing_spans():
+    from opentelemetry.util.http import ExcludeList
+
+    excluded = ExcludeList(bentoml_speedups.untraced(["/recommend", "/rank"])["excluded_urls"])
+    for url in ["http://h:3000/recommend", "http://h/recommend?x=1", "http://h/rank"]:
+        assert excluded.url_disabled(url), url
+    for url in ["http://h/recommend_batch", "http://h/readyz", "http://h/recommendx", "http://h/x?q=/rank"]:
+        assert not excluded.url_disabled(url), url
+
+
+def test_tracing_config_traces_every_path(sasrec_server, sasrec_tag):
+    body = {"sequence": ["1", "2"], "topk": 3}
+    untraced = httpx.post(f"{sasrec_server}/recommend", json=body, timeout=30)
+    assert untraced.status_code == 200 and "x-bentoml-request-id" not in untraced.headers
+    with serving(sasrec_tag, BENTOML_CONFIG_OPTIONS="tracing.sample_rate=1.0") as url:
+        traced = httpx.post(f"{url}/recommend", json=body, timeout=30)
+    assert traced.status_code == 200 and traced.headers["x-bentoml-request-id"]
+    assert traced.json() == untraced.json()
