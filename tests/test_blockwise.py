@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbole_bento.blockwise import DOT_PRODUCT_MODELS, BlockTopK, block_ranker
+from recbole_bento.blockwise import DOT_PRODUCT_MODELS, BlockTopK, _bf16_blocks, _PackedBlocks, block_ranker
 from recbole_bento.engine import Engine, RankQuery, apply_masks
 
 NEG_INF = float("-inf")
@@ -93,6 +93,22 @@ def test_block_topk_equals_plain_path(
         assert batch * k * 64 > n_items // 2
         return
     assert_same(got, plain(q, table, queries, k), queries)
+
+
+@pytest.mark.parametrize("n_items", [5000, 4096])
+def test_bfloat16_blocks_are_packed_and_multiply_as_torch_mm(n_items: int) -> None:
+    """Pass 1's bfloat16 weights: oneDNN-packed on this CPU build, with torch.mm's products for every
+    block (a ragged tail included) and batch size."""
+    gen = torch.Generator().manual_seed(n_items)
+    table = torch.randn(n_items, 64, generator=gen)
+    blocks = _bf16_blocks(table, 1024)
+    assert torch.backends.mkldnn.is_available()
+    assert isinstance(blocks, _PackedBlocks), "pass 1 fell back to unpacked torch.mm"
+    low = table.to(torch.bfloat16)
+    for batch in (1, 7, 64):
+        q = torch.randn(batch, 64, generator=gen).to(torch.bfloat16)
+        for i, start in enumerate(range(0, n_items, 1024)):
+            assert torch.equal(blocks.mm(q, i), torch.mm(q, low[start : start + 1024].T)), (batch, i)
 
 
 @pytest.mark.parametrize("low_precision", [False, True])
