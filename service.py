@@ -16,7 +16,7 @@ from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from bentoml.models import BentoModel
 
 from recbole_bento import bentoml_speedups, http_guard, lifecycle, observability, store
-from recbole_bento.engine import Engine, RankQuery, RankResult
+from recbole_bento.engine import Engine, RankQuery, RankResult, pick_device
 from recbole_bento.schemas import SETTINGS, ModelInfo, RecommendRequest, RecommendResponse
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
@@ -30,6 +30,7 @@ MODEL_TAG = str(_STORED.tag)
 # model stops the server before any worker starts, and the error names the file (docs/errors.md).
 # The services below load with verified=True: hashing a large model once per process is enough.
 store.verify(_STORED)
+DEVICE = str(pick_device(SETTINGS.device))  # a bad RECBOLE_BENTO_DEVICE stops the server here too
 http_guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
 bentoml_speedups.apply()  # per-response costs of BentoML that change no answer
 API_PATHS = ["/recommend", "/recommend_batch", "/model_info"]
@@ -58,7 +59,7 @@ class Ranker:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.engine = Engine(
             store.load(self.stored_model, verified=True),
-            device=SETTINGS.device,
+            device=DEVICE,
             block_items=SETTINGS.block_items,
         )
         logger.info("loaded %s on %s", MODEL_TAG, self.engine.device)

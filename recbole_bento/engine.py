@@ -33,9 +33,22 @@ class RankResult:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """*requested* ("cpu", "cuda", "cuda:1"), else CUDA when present. A name torch does not parse, or
+    a CUDA device this machine lacks, is a ValueError naming RECBOLE_BENTO_DEVICE: service.py checks
+    at import, so `bentoml serve` stops with the reason instead of restarting a failing worker."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"RECBOLE_BENTO_DEVICE={requested!r} is not a device: use cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"RECBOLE_BENTO_DEVICE={requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def pad_histories(histories: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:

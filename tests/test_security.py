@@ -18,7 +18,7 @@ import cloudpickle
 import httpx
 import pytest
 import torch
-from conftest import ROOT, free_port, run_import
+from conftest import ROOT, free_port, run_import, serving
 
 from recbole_bento import safe_pickle
 from recbole_bento.artifact import ArtifactError, verify_digests
@@ -403,3 +403,21 @@ def test_altered_stored_file_stops_the_server(sasrec_tag, tmp_path):
     assert (
         "integrity check failed: stored file weights.pt does not match the sha256 recorded at import" in text
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("DEVICE", "cudaa", "RECBOLE_BENTO_DEVICE='cudaa' is not a device: use cpu, cuda or cuda:<index>"),
+        ("DEVICE", "meta", "RECBOLE_BENTO_DEVICE='meta' is not a device: use cpu, cuda or cuda:<index>"),
+        ("DEVICE", "cuda:99", "RECBOLE_BENTO_DEVICE='cuda:99': this machine has"),
+        ("MAX_TOPK", "ten", "RECBOLE_BENTO_MAX_TOPK='ten' is not an integer"),
+    ],
+)
+def test_unusable_setting_stops_the_server(sasrec_tag, setting, value, message):
+    """A setting the service cannot run with stops `bentoml serve` at start with the reason, instead
+    of BentoML restarting a failing worker forever (docs/errors.md)."""
+    env = {f"RECBOLE_BENTO_{setting}": value}
+    with pytest.raises(RuntimeError, match="bentoml serve exited") as failed, serving(sasrec_tag, **env):
+        pass
+    assert message in str(failed.value)
