@@ -11,7 +11,7 @@ import warnings
 
 import bentoml
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher  # the adaptive batcher of batchable APIs
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema  # batchable APIs' batcher
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from bentoml.models import BentoModel
 
@@ -121,6 +121,7 @@ class Recommender:
             max_batch_size=SETTINGS.max_batch_size,
             fallback=_overloaded,
             get_batch_size=lambda _query: 1,
+            shared_sema=NonBlockSema(SETTINGS.ranker_workers or 1),
         )(self._rank_many)
         lifecycle.install("recbole_recommender", SETTINGS.shutdown_grace_s, outlive_callers=False)
         bentoml_speedups.freeze_startup_objects()

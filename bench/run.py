@@ -320,6 +320,7 @@ def measure(server: Server, fx: Fixture, bodies: list[bytes], c: int, rnd: int, 
         f"  [{fx.catalogue} c={c:<3} r{rnd}] {server.name:8s} {result.rps:8.1f} req/s  "
         f"p50 {result.percentile(50):7.1f} ms  p99 {result.percentile(99):7.1f} ms  "
         f"errors {result.errors}  cpu {phase.cpu_ms_per_request:5.2f} ms/req"
+        f" (load generator {result.client_cpu_ms:.2f})"
         + (
             f" (ranker {1000 * phase.ranker_cpu_s / max(1, result.requests - result.errors):.2f})"
             f"  batch {mean_batch:.1f}"

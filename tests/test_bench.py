@@ -38,6 +38,23 @@ def test_batch_counts_sum_the_model_call_histogram_over_label_sets() -> None:
     assert observability.batch_counts(text) == (5.0, 40.0)
 
 
+def test_load_generator_parses_whole_http_responses_only() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    fixed = head + b"Content-Length: 13\r\n\r\n" + b'{"item_list":[]}'[:13]
+    assert loadgen._parse_response(bytearray(fixed)) == (200, b'{"item_list":', len(fixed))
+    assert loadgen._parse_response(bytearray(fixed[:-1])) is None
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n"
+    assert loadgen._parse_response(bytearray(chunked + b"HTTP/1.1 ...")) == (
+        200,
+        b"hello world",
+        len(chunked),
+    )
+    for cut in (len(head) + 10, len(chunked) - 3, len(chunked) - 1):
+        assert loadgen._parse_response(bytearray(chunked[:cut])) is None, cut
+    refused = b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 2\r\n\r\n{}"
+    assert loadgen._parse_response(bytearray(refused)) == (429, b"{}", len(refused))
+
+
 def test_fixture_atomic_file_sees_every_item(tmp_path) -> None:
     path = tmp_path / "synth" / "synth.inter"
     n_inter = make_large_fixture.write_atomic(path, 1000, seed=0)
