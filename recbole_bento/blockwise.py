@@ -106,7 +106,7 @@ class BlockTopK:
         self._chunk_norm = self._per_chunk(lambda rows: torch.linalg.vector_norm(rows.double(), dim=1))
         if low_precision is None:
             low_precision = table.device.type == "cpu" and native_bf16()
-        # Pass 1's bfloat16 weights, one per block: oneDNN-packed where possible (_pack_blocks).
+        # Pass 1's bfloat16 weights, one per block: oneDNN-packed where possible (_bf16_blocks).
         self.low = _bf16_blocks(table[:n_items], self.block) if low_precision else None
         if self.low is not None:  # per chunk, the largest |e - bfloat16(e)|
             self._chunk_resid = self._per_chunk(
