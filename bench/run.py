@@ -312,7 +312,8 @@ def measure(server: Server, fx: Fixture, bodies: list[bytes], c: int, rnd: int, 
     result = run_load(server.url + "/recommend", bodies, c, args.duration, args.max_requests, args.timeout)
     cpu_after = tree_cpu_s(server.proc.pid)
     after = _batch_counts(server.url) if server.name == "service" else (0.0, 0.0)
-    phase = Phase(fx.catalogue, server.name, c, rnd, result, after[1] - before[1], after[0] - before[0])
+    calls, histories = after[0] - before[0], after[1] - before[1]  # observability.batch_counts
+    phase = Phase(fx.catalogue, server.name, c, rnd, result, batch_sum=histories, batch_count=calls)
     phase.cpu_s = sum(cpu_after.values()) - sum(cpu_before.values())
     phase.ranker_cpu_s = cpu_after["ranker"] - cpu_before["ranker"]
     mean_batch = phase.batch_sum / phase.batch_count if phase.batch_count else float("nan")

@@ -15,7 +15,9 @@ from pathlib import Path
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="recbole-bento-home-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from recbole_bento.local_server import free_port, local_server  # noqa: E402, F401
 from recbole_bento.training import RECBOLE_DATASETS, Trained, train  # noqa: E402
@@ -160,3 +162,14 @@ def assert_same_topk(got: dict, ref: dict, tol: float = 1e-4) -> None:
     for pos, (got_id, ref_id) in enumerate(zip(got["item_list"], ref["items"], strict=True)):
         if got_id != ref_id:
             assert abs(ref["score_of"][got_id] - ref["scores"][pos]) < tol, (pos, got, ref["items"])
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample on /metrics: (name, sorted labels) -> value."""
+    response = httpx.get(f"{url}/metrics", timeout=30)
+    assert response.status_code == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }

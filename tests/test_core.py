@@ -17,9 +17,9 @@ from conftest import (
     import_ok,
     recbole_reference,
     run_import,
+    scrape,
     serving,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from recbole_bento import artifact as art
 from recbole_bento import observability
@@ -300,14 +300,12 @@ def _batch_histogram(url: str) -> tuple[float, float]:
 
 def _ranker_calls(url: str) -> float:
     """HTTP calls the Ranker answered on /rank (BentoML's request counter, all workers)."""
-    text = httpx.get(f"{url}/metrics").text
     return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "bentoml_service_request_total"
-        and sample.labels.get("runner_name") == "recbole_ranker"
-        and sample.labels.get("endpoint") == "/rank"
+        count
+        for (name, labels), count in scrape(url).items()
+        if name == "bentoml_service_request_total"
+        and dict(labels).get("runner_name") == "recbole_ranker"
+        and dict(labels).get("endpoint") == "/rank"
     )
 
 

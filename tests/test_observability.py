@@ -10,8 +10,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import ROOT, serving
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import ROOT, scrape, serving
 
 from recbole_bento import bentoml_speedups, observability
 from recbole_bento.settings import Settings
@@ -25,17 +24,6 @@ OURS = (
     "recbole_bento_batch_size",
     "recbole_bento_rank_seconds",
 )
-
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """Every sample on /metrics: (name, sorted labels) -> value."""
-    response = httpx.get(f"{url}/metrics", timeout=30)
-    assert response.status_code == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
