@@ -14,6 +14,7 @@ import numpy as np
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema  # batchable APIs' batcher
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from bentoml.models import BentoModel
+from starlette.responses import Response
 
 from recbole_bento import bentoml_speedups, http_guard, lifecycle, observability, store
 from recbole_bento.engine import Engine, RankQuery, RankResult, pick_device
@@ -169,7 +170,7 @@ class Recommender:
         return RankResult(items, [float(self.popularity[i]) for i in items])
 
     def _response(self, result: RankResult, unknown: list[str], fallback: bool) -> RecommendResponse:
-        return RecommendResponse(
+        return RecommendResponse.model_construct(  # built from our own values: nothing to validate
             item_list=[self.item_tokens[i] for i in result.items],
             score_list=result.scores,
             unknown_items=unknown,
@@ -197,10 +198,14 @@ class Recommender:
 
     # ------------------------------------------------------------------ API
 
-    @bentoml.api(input_spec=RecommendRequest)
-    async def recommend(self, **fields: object) -> RecommendResponse:
+    @bentoml.api(input_spec=RecommendRequest, output_spec=RecommendResponse)
+    async def recommend(self, **fields: object) -> Response:
         """Top-k next items for one history."""
-        return (await self._answer([RecommendRequest.model_validate(fields)]))[0]
+        # BentoML has validated *fields* with RecommendRequest's own rules (its input spec subclasses
+        # it): no second validation. The answer leaves as one body with a Content-Length; BentoML
+        # would send the model chunked, one more ASGI message through every middleware. Same JSON.
+        answer = (await self._answer([RecommendRequest.model_construct(**fields)]))[0]
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     @bentoml.api
     async def recommend_batch(self, requests: list[RecommendRequest]) -> dict[str, list[RecommendResponse]]:

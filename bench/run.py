@@ -52,6 +52,15 @@ SERVICE_ENV = {
     "RECBOLE_BENTO_TORCH_THREADS": "1",
     "RECBOLE_BENTO_MAX_BATCH_SIZE": "64",
     "RECBOLE_BENTO_MAX_LATENCY_MS": "10000",
+    # No access log line per request, as in the baseline (uvicorn access_log=False).
+    "BENTOML_CONFIG_OVERRIDES": json.dumps(
+        {
+            "services": {
+                name: {"logging": {"access": {"enabled": False}}}
+                for name in ("recbole_recommender", "recbole_ranker")
+            }
+        }
+    ),
 }
 
 

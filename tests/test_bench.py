@@ -79,3 +79,22 @@ def test_mime_type_cache_keeps_every_answer() -> None:
     bentoml_speedups.apply()  # idempotent
     assert [ensure_io_descriptor(kind).mime_type() for kind in kinds] == before
     assert IORootModel.mime_type.__func__.__name__ == "mime_type"
+
+
+def test_api_method_wrappers_are_built_once_per_instance() -> None:
+    import bentoml
+
+    from recbole_bento import bentoml_speedups
+
+    bentoml_speedups.apply()
+
+    @bentoml.service
+    class Echo:
+        @bentoml.api
+        def echo(self, text: str = "hi") -> str:
+            return text
+
+    first, second = Echo(), Echo()
+    assert first.echo.local is first.echo.local  # BentoML alone builds a new one per lookup
+    assert first.echo.local is not second.echo.local
+    assert first.echo() == "hi" and second.echo(text="x") == "x"

@@ -25,6 +25,7 @@ from recbole_bento import artifact as art
 from recbole_bento import observability
 from recbole_bento.engine import RankQuery, apply_masks, pad_histories
 from recbole_bento.safe_pickle import load_dataset_pickle
+from recbole_bento.schemas import RecommendResponse
 
 
 def post(url: str, path: str, body: object) -> httpx.Response:
@@ -173,6 +174,22 @@ def test_readyz_and_model_info(sasrec_server, sasrec_tag, sasrec):
     assert info["max_history_length"] == sasrec.config["MAX_ITEM_LIST_LENGTH"]
     assert info["required_inputs"] == ["sequence"]
     assert info["device"] == "cpu"
+
+
+def test_recommend_answer_is_one_sized_body_of_the_documented_schema(sasrec_server):
+    """/recommend returns its JSON itself (Content-Length, not chunked); /docs.json still documents it."""
+    response = post(sasrec_server, "/recommend", {"sequence": ["1", "2"], "topk": 3})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert "transfer-encoding" not in response.headers
+    answer = RecommendResponse.model_validate_json(response.content)
+    assert len(answer.item_list) == len(answer.score_list) == 3 and answer.fallback is None
+    documented = httpx.get(f"{sasrec_server}/docs.json").json()["paths"]["/recommend"]["post"]["responses"]
+    schema = documented["200"]["content"]["application/json"]["schema"]
+    assert set(schema["required"]) == set(RecommendResponse.model_fields)
+    with bentoml.SyncHTTPClient(sasrec_server) as client:
+        assert client.recommend(sequence=["1", "2"], topk=3) == answer.model_dump()
 
 
 def test_parity_sasrec_over_http(sasrec, sasrec_server):

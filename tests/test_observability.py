@@ -141,11 +141,20 @@ def test_api_paths_skip_unsampled_tracing_spans():
         assert not excluded.url_disabled(url), url
 
 
-def test_tracing_config_traces_every_path(sasrec_server, sasrec_tag):
+def test_bentoml_configuration_still_governs_tracing_and_access_log(sasrec_server, sasrec_tag):
+    """With a sample rate set, every path is traced again; the access log is BentoML's, switched
+    off per service in BentoML's configuration (as bench/run.py serves)."""
     body = {"sequence": ["1", "2"], "topk": 3}
     untraced = httpx.post(f"{sasrec_server}/recommend", json=body, timeout=30)
     assert untraced.status_code == 200 and "x-bentoml-request-id" not in untraced.headers
-    with serving(sasrec_tag, BENTOML_CONFIG_OPTIONS="tracing.sample_rate=1.0") as url:
+    quiet = {"logging": {"access": {"enabled": False}}}
+    overrides = {"tracing": {"sample_rate": 1.0}, "services": {"recbole_recommender": quiet}}
+    with serving(sasrec_tag, BENTOML_CONFIG_OVERRIDES=json.dumps(overrides)) as url:
         traced = httpx.post(f"{url}/recommend", json=body, timeout=30)
+        httpx.get(f"{url}/model_info", timeout=30)
     assert traced.status_code == 200 and traced.headers["x-bentoml-request-id"]
     assert traced.json() == untraced.json()
+    log = serving.last_log
+    assert "[entry_service:recbole_recommender:1]" in log, log[-2000:]
+    assert "path=/recommend" not in log  # the public service's access log is off
+    assert "path=/rank" in log  # the ranker's is not: its own settings were left as they are
