@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 $(DEMO)/SASRec.pth: | $(VENV)/.installed
-	$(BIN)/python -m recbole_bento.training --model SASRec --out $(DEMO)
+	$(BIN)/python -m devtools.training --model SASRec --out $(DEMO)
 
 demo-model: $(DEMO)/SASRec.pth
 	$(BIN)/python import_model.py $(DEMO)/SASRec.pth --dataset-pickle $(DEMO)/ml-100k-SASRec-dataset.pkl --name sasrec-ml-100k --label source=demo > $(DEMO)/tag

@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.INFO)  # RecBole logs dataset statistics at INFO; keep stdout clean
     warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
 
-    from recbole_bento.artifact import ArtifactError
-    from recbole_bento.importer import ImportRefused, import_checkpoint, parse_labels
-    from recbole_bento.models import UnsupportedModelError
+    from recbole_bento.core.artifact import ArtifactError
+    from recbole_bento.core.importer import ImportRefused, import_checkpoint, parse_labels
+    from recbole_bento.core.models import UnsupportedModelError
 
     if args.trust_pickles:
         print("WARNING: --trust-pickles: unpickling without the allowlist", file=sys.stderr)

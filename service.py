@@ -16,9 +16,11 @@ from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from bentoml.models import BentoModel
 from starlette.responses import Response
 
-from recbole_bento import bentoml_speedups, http_guard, lifecycle, observability, store
-from recbole_bento.engine import Engine, RankQuery, RankResult, pick_device
-from recbole_bento.schemas import SETTINGS, ModelInfo, RecommendRequest, RecommendResponse
+from recbole_bento.core import store
+from recbole_bento.core.engine import Engine, RankQuery, RankResult, pick_device
+from recbole_bento.edge import bentoml_compat, guard, lifecycle, observability
+from recbole_bento.edge.schemas import ModelInfo, RecommendRequest, RecommendResponse
+from recbole_bento.settings import SETTINGS
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
 logger = logging.getLogger("recbole_bento")
@@ -32,11 +34,11 @@ MODEL_TAG = str(_STORED.tag)
 # The services below load with verified=True: hashing a large model once per process is enough.
 store.verify(_STORED)
 DEVICE = str(pick_device(SETTINGS.device))  # a bad RECBOLE_BENTO_DEVICE stops the server here too
-http_guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
-bentoml_speedups.apply()  # per-response costs of BentoML that change no answer
+guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
+bentoml_compat.apply()  # per-response costs of BentoML that change no answer
 API_PATHS = ["/recommend", "/recommend_batch", "/model_info"]
-# No OpenTelemetry span per request unless tracing is switched on (bentoml_speedups.untraced).
-TRACING = bentoml_speedups.untraced([*API_PATHS, "/rank"])
+# No OpenTelemetry span per request unless tracing is switched on (bentoml_compat.untraced).
+TRACING = bentoml_compat.untraced([*API_PATHS, "/rank"])
 
 
 @bentoml.service(
@@ -66,7 +68,7 @@ class Ranker:
         logger.info("loaded %s on %s", MODEL_TAG, self.engine.device)
         # On SIGTERM keep ranking until the public service has answered what it accepted.
         lifecycle.install("recbole_ranker", SETTINGS.shutdown_grace_s, outlive_callers=True)
-        bentoml_speedups.freeze_startup_objects()  # no 200 ms full-GC pauses under load
+        bentoml_compat.freeze_startup_objects()  # no 200 ms full-GC pauses under load
 
     @bentoml.api(
         batchable=True,
@@ -125,7 +127,7 @@ class Recommender:
             shared_sema=NonBlockSema(SETTINGS.ranker_workers or 1),
         )(self._rank_many)
         lifecycle.install("recbole_recommender", SETTINGS.shutdown_grace_s, outlive_callers=False)
-        bentoml_speedups.freeze_startup_objects()
+        bentoml_compat.freeze_startup_objects()
 
     async def _rank_many(self, queries: tuple[RankQuery, ...]) -> list[RankResult]:
         return await self.ranker.to_async.rank(list(queries))
@@ -252,7 +254,7 @@ Recommender.add_asgi_middleware(observability.RefusalMetricsMiddleware, model_ta
 # The front door (docs/errors.md): concurrency limit (429 + Retry-After), body size limit (413),
 # one-sentence error bodies, and the accepted/answered count logged at shutdown.
 Recommender.add_asgi_middleware(
-    http_guard.RequestGuard,
+    guard.RequestGuard,
     api_paths=API_PATHS,
     max_body_bytes=SETTINGS.max_body_bytes,
     max_concurrency=SETTINGS.max_concurrency,

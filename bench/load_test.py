@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import run_load  # noqa: E402  (bench/loadgen.py: the closed-loop generator)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recbole_bento.local_server import local_server  # noqa: E402
+from devtools.local_server import local_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

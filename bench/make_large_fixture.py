@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recbole_bento.training import QUIET_CPU  # noqa: E402
+from devtools.training import QUIET_CPU  # noqa: E402
 
 SASREC = {  # RecBole's SASRec defaults, window 50
     "MAX_ITEM_LIST_LENGTH": 50,

@@ -46,7 +46,7 @@ def _inside(directory: str) -> Iterator[None]:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    from recbole_bento.importer import (
+    from recbole_bento.core.importer import (
         check_dataset_matches,
         dataset_from_atomic_files,
         read_checkpoint,
@@ -69,7 +69,7 @@ def recbole_evaluate(checkpoint: dict[str, Any], dataset: Any, k: int, workdir: 
     from recbole.data import data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
 
-    from recbole_bento.models import spec_for
+    from recbole_bento.core.models import spec_for
 
     config = checkpoint["config"]
     spec = spec_for(config["model"])
@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    from recbole_bento.artifact import ArtifactError
-    from recbole_bento.importer import ImportRefused
-    from recbole_bento.models import UnsupportedModelError, spec_for
+    from recbole_bento.core.artifact import ArtifactError
+    from recbole_bento.core.importer import ImportRefused
+    from recbole_bento.core.models import UnsupportedModelError, spec_for
 
     with tempfile.TemporaryDirectory(prefix="replay-eval-") as workdir:
         try:

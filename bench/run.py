@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import httpx  # noqa: E402
 from loadgen import LoadResult, percentile, run_load  # noqa: E402
 
-from recbole_bento import observability  # noqa: E402
+from recbole_bento.edge import observability  # noqa: E402
 
 FIXTURES = WORK / "fixtures"
 DOCS = ROOT / "docs"
@@ -99,7 +99,7 @@ def _make(catalogue: str) -> Fixture:
         out = FIXTURES / "ml-100k"
         out.mkdir(parents=True, exist_ok=True)
         lines = _run(
-            [sys.executable, "-m", "recbole_bento.training", "--model", "SASRec", "--out", str(out)]
+            [sys.executable, "-m", "devtools.training", "--model", "SASRec", "--out", str(out)]
             + ["--epochs", "1", "--hidden-size", "64"],
             cwd=out,  # RecBole's Trainer writes ./log_tensorboard
         ).split()
@@ -111,7 +111,7 @@ def _make(catalogue: str) -> Fixture:
 
 
 def _stored_mb(tag: str) -> float:
-    from recbole_bento import store
+    from recbole_bento.core import store
 
     path = Path(store.resolve(tag).path)
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**20
@@ -149,7 +149,7 @@ def fixture(catalogue: str, reimport: bool = False) -> Fixture:
 
 def request_bodies(fx: Fixture, n: int = 256, seed: int = 0) -> list[bytes]:
     """*n* /recommend bodies: random histories of known items, 3..window long, topk 10."""
-    from recbole_bento import store
+    from recbole_bento.core import store
 
     tokens = json.loads((Path(store.resolve(fx.tag).path) / "item_tokens.json").read_text())[1:]
     rng = random.Random(seed)

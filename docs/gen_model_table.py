@@ -58,7 +58,7 @@ def _notes(spec: Any) -> str:
 
 
 def render(results: dict[str, dict[str, Any]]) -> str:
-    from recbole_bento.models import MODEL_SPECS
+    from recbole_bento.core.models import MODEL_SPECS
 
     lines = [
         "| Model | Inputs needed | Parity with RecBole `full_sort_scores` | Notes |",

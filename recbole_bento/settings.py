@@ -48,3 +48,7 @@ def _positive_int(name: str, raw: str) -> int:
     if value < 0:
         raise ValueError(f"RECBOLE_BENTO_{name.upper()}={raw!r} must be >= 0")
     return value
+
+
+# Read once per process, at import: every module that enforces a limit reads this object.
+SETTINGS = Settings.from_env()

@@ -19,8 +19,8 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from recbole_bento.local_server import free_port, local_server  # noqa: E402, F401
-from recbole_bento.training import RECBOLE_DATASETS, Trained, train  # noqa: E402
+from devtools.local_server import free_port, local_server  # noqa: E402, F401
+from devtools.training import RECBOLE_DATASETS, Trained, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET_USERS = 300  # ml-100k users 1..300: ~30k interactions, seconds per epoch
@@ -119,7 +119,7 @@ def recbole_reference(trained: Trained, k: int = 10, max_users: int = 40) -> lis
     import torch
     from recbole.utils.case_study import full_sort_scores
 
-    from recbole_bento.safe_pickle import load_checkpoint
+    from recbole_bento.core.safe_pickle import load_checkpoint
 
     checkpoint = load_checkpoint(trained.checkpoint)
     model = trained.model

@@ -6,7 +6,7 @@ import sys
 
 from conftest import ROOT
 
-from recbole_bento import observability
+from recbole_bento.edge import observability
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -70,13 +70,13 @@ def test_fixture_atomic_file_sees_every_item(tmp_path) -> None:
 def test_mime_type_cache_keeps_every_answer() -> None:
     from _bentoml_sdk.io_models import IORootModel, ensure_io_descriptor
 
-    from recbole_bento import bentoml_speedups
-    from recbole_bento.engine import RankResult
+    from recbole_bento.core.engine import RankResult
+    from recbole_bento.edge import bentoml_compat
 
     kinds = [list[RankResult], str, bytes, dict[str, int]]
     before = [ensure_io_descriptor(kind).mime_type() for kind in kinds]
-    bentoml_speedups.apply()
-    bentoml_speedups.apply()  # idempotent
+    bentoml_compat.apply()
+    bentoml_compat.apply()  # idempotent
     assert [ensure_io_descriptor(kind).mime_type() for kind in kinds] == before
     assert IORootModel.mime_type.__func__.__name__ == "mime_type"
 
@@ -84,9 +84,9 @@ def test_mime_type_cache_keeps_every_answer() -> None:
 def test_api_method_wrappers_are_built_once_per_instance() -> None:
     import bentoml
 
-    from recbole_bento import bentoml_speedups
+    from recbole_bento.edge import bentoml_compat
 
-    bentoml_speedups.apply()
+    bentoml_compat.apply()
 
     @bentoml.service
     class Echo:

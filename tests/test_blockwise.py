@@ -9,8 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbole_bento.blockwise import DOT_PRODUCT_MODELS, BlockTopK, _bf16_blocks, _PackedBlocks, block_ranker
-from recbole_bento.engine import Engine, RankQuery, apply_masks
+from recbole_bento.core.blockwise import (
+    DOT_PRODUCT_MODELS,
+    BlockTopK,
+    _bf16_blocks,
+    _PackedBlocks,
+    block_ranker,
+)
+from recbole_bento.core.engine import Engine, RankQuery, apply_masks
 
 NEG_INF = float("-inf")
 
@@ -176,7 +182,7 @@ def trained_engine(request, train_tiny, workdir):
     """An Engine on a trained model with blocks small enough that the block path serves it."""
     from conftest import import_ok
 
-    from recbole_bento import store
+    from recbole_bento.core import store
 
     trained = train_tiny(request.param)
     tag = import_ok(trained.checkpoint, "--dataset-pickle", trained.dataset_pickle)

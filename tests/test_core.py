@@ -21,11 +21,11 @@ from conftest import (
     serving,
 )
 
-from recbole_bento import artifact as art
-from recbole_bento import observability
-from recbole_bento.engine import RankQuery, apply_masks, pad_histories
-from recbole_bento.safe_pickle import load_dataset_pickle
-from recbole_bento.schemas import RecommendResponse
+from recbole_bento.core import artifact as art
+from recbole_bento.core.engine import RankQuery, apply_masks, pad_histories
+from recbole_bento.core.safe_pickle import load_dataset_pickle
+from recbole_bento.edge import observability
+from recbole_bento.edge.schemas import RecommendResponse
 
 
 def post(url: str, path: str, body: object) -> httpx.Response:

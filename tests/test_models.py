@@ -27,11 +27,11 @@ import pytest
 import torch
 from conftest import ROOT, assert_same_topk, import_ok, recbole_reference, run_import, serving
 
-from recbole_bento import store
-from recbole_bento.engine import Engine, RankQuery
-from recbole_bento.importer import import_checkpoint
-from recbole_bento.models import MODEL_SPECS, UnsupportedModelError
-from recbole_bento.training import RECBOLE_DATASETS, Trained, train
+from devtools.training import RECBOLE_DATASETS, Trained, train
+from recbole_bento.core import store
+from recbole_bento.core.engine import Engine, RankQuery
+from recbole_bento.core.importer import import_checkpoint
+from recbole_bento.core.models import MODEL_SPECS, UnsupportedModelError
 
 RESULTS = ROOT / "build" / "model-parity.json"
 USERS = 100  # ml-100k users 1..100: ~11k interactions, ~1.2k items

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from conftest import ROOT, scrape, serving
 
-from recbole_bento import bentoml_speedups, observability
+from recbole_bento.edge import bentoml_compat, observability
 from recbole_bento.settings import Settings
 
 OURS = (
@@ -134,7 +134,7 @@ def test_operations_doc_names_every_metric_and_alert():
 def test_api_paths_skip_unsampled_tracing_spans():
     from opentelemetry.util.http import ExcludeList
 
-    excluded = ExcludeList(bentoml_speedups.untraced(["/recommend", "/rank"])["excluded_urls"])
+    excluded = ExcludeList(bentoml_compat.untraced(["/recommend", "/rank"])["excluded_urls"])
     for url in ["http://h:3000/recommend", "http://h/recommend?x=1", "http://h/rank"]:
         assert excluded.url_disabled(url), url
     for url in ["http://h/recommend_batch", "http://h/readyz", "http://h/recommendx", "http://h/x?q=/rank"]:

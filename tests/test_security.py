@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import ROOT, free_port, run_import, serving
 
-from recbole_bento import safe_pickle
-from recbole_bento.artifact import ArtifactError, verify_digests
-from recbole_bento.safe_pickle import UnsafePickleError, load_checkpoint, load_dataset_pickle
+from recbole_bento.core import safe_pickle
+from recbole_bento.core.artifact import ArtifactError, verify_digests
+from recbole_bento.core.safe_pickle import UnsafePickleError, load_checkpoint, load_dataset_pickle
 
 
 class RunsCommand:

@@ -28,7 +28,7 @@ import yaml
 from conftest import ROOT, serving
 from packaging.requirements import Requirement
 
-from recbole_bento import store
+from recbole_bento.core import store
 from recbole_bento.settings import Settings
 
 if sys.version_info >= (3, 11):
@@ -286,7 +286,7 @@ def describe(model: bentoml.Model) -> dict:
 DESCRIBE = f"""
 import json, sys
 import bentoml
-from recbole_bento import store
+from recbole_bento.core import store
 {inspect.getsource(describe)}
 print(json.dumps(describe(bentoml.models.get(sys.argv[1]))))
 """

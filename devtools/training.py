@@ -1,7 +1,7 @@
 """Train a small RecBole model the way RecBole users do (Config, create_dataset,
 data_preparation, get_model, get_trainer), for the demo, the tests and the benchmarks.
 
-    python -m recbole_bento.training --model SASRec --out demo/            # ml-100k shipped with recbole
+    python -m devtools.training --model SASRec --out demo/            # ml-100k shipped with recbole
 
 Writes the Trainer's checkpoint and the cloudpickled Dataset, and prints both paths.
 """

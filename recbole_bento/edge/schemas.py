@@ -6,9 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
-from .settings import Settings
-
-SETTINGS = Settings.from_env()
+from ..settings import SETTINGS
 
 ItemId = Annotated[
     StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=SETTINGS.max_id_length)],

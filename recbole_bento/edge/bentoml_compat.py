@@ -30,7 +30,7 @@ def apply() -> None:
     try:
         from _bentoml_sdk.io_models import IORootModel
     except ImportError:  # pragma: no cover - another BentoML layout
-        logger.debug("bentoml_speedups: no _bentoml_sdk.io_models.IORootModel; nothing patched")
+        logger.debug("bentoml_compat: no _bentoml_sdk.io_models.IORootModel; nothing patched")
         return
     compute = IORootModel.mime_type.__func__  # the classmethod's function (defined on IOMixin)
     cache: dict[type, str] = {}
@@ -50,7 +50,7 @@ def _cache_local_callers() -> None:
     try:
         from _bentoml_sdk.method import APIMethod
     except ImportError:  # pragma: no cover - another BentoML layout
-        logger.debug("bentoml_speedups: no _bentoml_sdk.method.APIMethod; nothing patched")
+        logger.debug("bentoml_compat: no _bentoml_sdk.method.APIMethod; nothing patched")
         return
     build = APIMethod._local_call
     built: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()

@@ -1,0 +1,1 @@
+"""What serving does without HTTP: stored model, models table, inference, ranking, import."""

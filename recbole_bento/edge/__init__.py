@@ -1,0 +1,1 @@
+"""The BentoML HTTP edge: schemas, request guard, lifecycle, observability, BentoML internals."""
