@@ -7,38 +7,27 @@ of a batchable ranking service that runs the RecBole model.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import bentoml
-import numpy as np
+import torch
 from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema  # batchable APIs' batcher
 from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 from bentoml.models import BentoModel
 from starlette.responses import Response
 
 from recbole_bento.core import store
-from recbole_bento.core.engine import Engine, RankQuery, RankResult, pick_device
-from recbole_bento.edge import bentoml_compat, guard, lifecycle, observability
+from recbole_bento.core.engine import Engine
+from recbole_bento.core.ranking import RankQuery, RankResult, popular_topk, popularity_order
+from recbole_bento.edge import bentoml_compat, guard, lifecycle, observability, startup
 from recbole_bento.edge.schemas import ModelInfo, RecommendRequest, RecommendResponse
 from recbole_bento.settings import SETTINGS
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
 logger = logging.getLogger("recbole_bento")
-logger.setLevel(logging.INFO)  # "loaded <tag> on <device>"; BentoML's root logger only passes warnings
-if SETTINGS.json_logs:
-    observability.use_json_logs()
-_STORED = store.resolve(SETTINGS.model)
-MODEL_TAG = str(_STORED.tag)
-# Each process that imports this checks the stored files, the `bentoml serve` process first: an altered
-# model stops the server before any worker starts, and the error names the file (docs/errors.md).
-# The services below load with verified=True: hashing a large model once per process is enough.
-store.verify(_STORED)
-DEVICE = str(pick_device(SETTINGS.device))  # a bad RECBOLE_BENTO_DEVICE stops the server here too
-guard.quiet_client_errors()  # refused requests: one WARNING line each, not an ERROR traceback
-bentoml_compat.apply()  # per-response costs of BentoML that change no answer
 API_PATHS = ["/recommend", "/recommend_batch", "/model_info"]
-# No OpenTelemetry span per request unless tracing is switched on (bentoml_compat.untraced).
-TRACING = bentoml_compat.untraced([*API_PATHS, "/rank"])
+STARTED = startup.start(SETTINGS, traced_paths=[*API_PATHS, "/rank"])
+MODEL_TAG = STARTED.tag
+DEVICE = STARTED.device
+TRACING = STARTED.tracing
 
 
 @bentoml.service(
@@ -113,10 +102,8 @@ class Recommender:
         self.user_ids = (
             {token: i for i, token in enumerate(artifact.user_tokens) if i} if artifact.user_tokens else {}
         )
-        counts = artifact.popularity.astype(np.float64)
-        counts[0] = -1.0
-        self.popular = [int(i) for i in np.argsort(-counts, kind="stable") if i != 0]
-        self.popularity = counts
+        self.popularity = torch.from_numpy(artifact.popularity)
+        self.popular = popularity_order(self.popularity)
         self.n_items = len(artifact.item_tokens) - 1
         self.max_topk = min(SETTINGS.max_topk, self.n_items)
         self._rank_one = CorkDispatcher(
@@ -137,8 +124,8 @@ class Recommender:
     def _known(self, ids: list[int | str]) -> list[int]:
         return [self.item_ids[str(x)] for x in ids if str(x) in self.item_ids]
 
-    def _plan(self, req: RecommendRequest) -> tuple[RankQuery | None, list[str]]:
-        """Validate one request and map it to internal ids; None query = popularity fallback."""
+    def _plan(self, req: RecommendRequest) -> tuple[RankQuery, list[str]]:
+        """Validate one request and map it to internal ids."""
         if req.topk > self.max_topk:
             raise InvalidArgument(f"topk must be between 1 and {self.max_topk}, got {req.topk}")
         history, unknown = [], []
@@ -158,18 +145,11 @@ class Recommender:
             exclude = exclude + history
         candidates = None if req.candidates is None else self._known(req.candidates)
         query = RankQuery(history, req.topk, user, exclude, candidates)
-        if not history or (self.spec.needs_user and user is None):
-            return None, unknown
         return query, unknown
 
-    def _popular(self, req: RecommendRequest, history: list[int]) -> RankResult:
-        excluded = set(self._known(req.exclude)) | (set(history) if req.exclude_seen else set())
-        if req.candidates is not None:
-            pool = sorted(set(self._known(req.candidates)), key=lambda i: -self.popularity[i])
-        else:
-            pool = self.popular
-        items = [i for i in pool if i not in excluded][: req.topk] if excluded else pool[: req.topk]
-        return RankResult(items, [float(self.popularity[i]) for i in items])
+    def _rankable(self, query: RankQuery) -> bool:
+        """False: the popularity fallback answers (no known history item, or an unknown user)."""
+        return bool(query.history) and not (self.spec.needs_user and query.user is None)
 
     def _response(self, result: RankResult, unknown: list[str], fallback: bool) -> RecommendResponse:
         return RecommendResponse.model_construct(  # built from our own values: nothing to validate
@@ -181,17 +161,16 @@ class Recommender:
 
     async def _answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
         plans = [self._plan(r) for r in requests]  # raises before anything is batched
-        to_rank = [q for q, _ in plans if q is not None]
+        to_rank = [q for q, _ in plans if self._rankable(q)]
         if len(to_rank) == 1:
             ranked = iter([await self._rank_one(to_rank[0])])
         else:
             ranked = iter(await self.ranker.to_async.rank(to_rank) if to_rank else [])
         out = []
-        for req, (query, unknown) in zip(requests, plans, strict=False):
-            if query is None:
-                history = self._known(req.sequence)
-                out.append(self._response(self._popular(req, history), unknown, True))
-                fallback = "unknown_user" if history else "no_known_items"
+        for req, (query, unknown) in zip(requests, plans, strict=True):
+            if not self._rankable(query):
+                out.append(self._response(popular_topk(self.popular, self.popularity, query), unknown, True))
+                fallback = "unknown_user" if query.history else "no_known_items"
             else:
                 out.append(self._response(next(ranked), unknown, False))
                 fallback = None

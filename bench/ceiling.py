@@ -34,7 +34,8 @@ def _rate(fn, batch: int, budget_s: float) -> float:
 
 def measure(tag: str, batches: list[int], threads: int, budget_s: float = 2.0, seed: int = 0) -> list[dict]:
     from recbole_bento.core import store
-    from recbole_bento.core.engine import Engine, RankQuery, apply_masks
+    from recbole_bento.core.engine import Engine
+    from recbole_bento.core.ranking import RankQuery, apply_masks
 
     if threads:
         torch.set_num_threads(threads)

@@ -36,11 +36,12 @@ WORK = ROOT / "bench" / ".work"
 os.environ.setdefault("BENTOML_HOME", str(WORK / "bentoml"))
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))  # devtools/
 
 import httpx  # noqa: E402
 from loadgen import LoadResult, percentile, run_load  # noqa: E402
 
-from recbole_bento.edge import observability  # noqa: E402
+from devtools.metrics import batch_counts  # noqa: E402
 
 FIXTURES = WORK / "fixtures"
 DOCS = ROOT / "docs"
@@ -292,7 +293,7 @@ def baseline(fx: Fixture, cores: str | None, workers: int, threads: int) -> Iter
 
 def _batch_counts(url: str) -> tuple[float, float]:
     with contextlib.suppress(httpx.HTTPError):
-        return observability.batch_counts(httpx.get(f"{url}/metrics", timeout=10).text)
+        return batch_counts(httpx.get(f"{url}/metrics", timeout=10).text)
     return (0.0, 0.0)
 
 
@@ -321,7 +322,7 @@ def measure(server: Server, fx: Fixture, bodies: list[bytes], c: int, rnd: int, 
     result = run_load(server.url + "/recommend", bodies, c, args.duration, args.max_requests, args.timeout)
     cpu_after = tree_cpu_s(server.proc.pid)
     after = _batch_counts(server.url) if server.name == "service" else (0.0, 0.0)
-    calls, histories = after[0] - before[0], after[1] - before[1]  # observability.batch_counts
+    calls, histories = after[0] - before[0], after[1] - before[1]  # batch_counts
     phase = Phase(fx.catalogue, server.name, c, rnd, result, batch_sum=histories, batch_count=calls)
     phase.cpu_s = sum(cpu_after.values()) - sum(cpu_before.values())
     phase.ranker_cpu_s = cpu_after["ranker"] - cpu_before["ranker"]

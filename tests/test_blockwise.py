@@ -1,5 +1,5 @@
-"""The block top-k (recbole_bento/blockwise.py) returns what the plain path returns (full score
-matrix, engine.apply_masks, torch.topk): the same items in the same order with the same scores,
+"""The block top-k (recbole_bento/core/blockwise.py) returns what the plain path returns (full score
+matrix, ranking.apply_masks, torch.topk): the same items in the same order with the same scores,
 under padding, exclude and candidates masks, ragged tails and any block size. Scores are compared
 to fp32 rounding (two matmul shapes may round a dot product differently by an ulp); an item may
 differ from the plain path's only where the plain path's own scores tie to within that rounding."""
@@ -9,14 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbole_bento.core.blockwise import (
-    DOT_PRODUCT_MODELS,
-    BlockTopK,
-    _bf16_blocks,
-    _PackedBlocks,
-    block_ranker,
-)
-from recbole_bento.core.engine import Engine, RankQuery, apply_masks
+from recbole_bento.core.blockwise import BlockTopK, _bf16_blocks, _PackedBlocks
+from recbole_bento.core.engine import Engine, block_ranker
+from recbole_bento.core.models import MODEL_SPECS
+from recbole_bento.core.ranking import RankQuery, apply_masks
 
 NEG_INF = float("-inf")
 
@@ -237,7 +233,11 @@ def test_only_dot_product_models_are_listed() -> None:
 
     from recbole.model import sequential_recommender as seq
 
-    for name in DOT_PRODUCT_MODELS:
+    dot_product = [spec.name for spec in MODEL_SPECS.values() if spec.dot_product]
+    assert len(dot_product) >= 9
+    for name in dot_product:
         source = inspect.getsource(getattr(seq, name).full_sort_predict)
         assert "self.item_embedding.weight" in source and "torch.matmul(" in source, name
         assert "output_bias" not in source and "normalize" not in source, name
+        forward = inspect.signature(getattr(seq, name).forward).parameters
+        assert ("item_seq_len" in forward) == (MODEL_SPECS[name].dot_product == "seq_and_len"), name

@@ -21,10 +21,18 @@ from conftest import (
     serving,
 )
 
+from devtools.metrics import batch_counts
 from recbole_bento.core import artifact as art
-from recbole_bento.core.engine import RankQuery, apply_masks, pad_histories
+from recbole_bento.core.engine import pad_histories
+from recbole_bento.core.ranking import (
+    BatchMask,
+    RankQuery,
+    RankResult,
+    apply_masks,
+    popular_topk,
+    popularity_order,
+)
 from recbole_bento.core.safe_pickle import load_dataset_pickle
-from recbole_bento.edge import observability
 from recbole_bento.edge.schemas import RecommendResponse
 
 
@@ -160,6 +168,26 @@ def test_masks_padding_exclude_and_candidates():
     assert scores[0].tolist() == [inf, 1, 2, 3, 4, 5]
     assert scores[1].tolist() == [inf, 1, 2, 3, inf, inf]
     assert scores[2].tolist() == [inf, inf, 2, 3, inf, inf]
+    # the same rules item by item (block top-k pass 2) and block by block (pass 1)
+    mask = BatchMask(queries, 6)
+    ids = torch.tensor([[0, 1, 4, 5, -1], [0, 1, 4, 5, 3], [0, 2, 3, 4, 1]])
+    assert mask.blocked(ids).tolist() == [
+        [True, False, False, False, True],
+        [True, False, True, True, False],
+        [True, False, False, True, True],
+    ]
+    tail = torch.zeros(3, 3)
+    mask.apply(tail, start=3)
+    assert tail.tolist() == [[0, 0, 0], [0, inf, inf], [0, inf, inf]]
+
+
+def test_popularity_fallback_applies_the_same_masks():
+    counts = torch.tensor([0, 5, 9, 9, 1, 7])  # item 0 is padding
+    order = popularity_order(counts)
+    assert popular_topk(order, counts, RankQuery([], 3)) == RankResult([2, 3, 5], [9.0, 9.0, 7.0])
+    assert popular_topk(order, counts, RankQuery([], 3, exclude=[2, 5])).items == [3, 1, 4]
+    assert popular_topk(order, counts, RankQuery([], 5, candidates=[0, 4, 1])).items == [1, 4]
+    assert popular_topk(order, counts, RankQuery([], 2, candidates=[])).items == []
 
 
 # ------------------------------------------------------------------ HTTP
@@ -312,7 +340,7 @@ def test_concurrent_requests_batch_without_errors(sasrec, sasrec_server):
 
 def _batch_histogram(url: str) -> tuple[float, float]:
     """(model calls, sequences) from the service's batch size histogram on /metrics."""
-    return observability.batch_counts(httpx.get(f"{url}/metrics").text)
+    return batch_counts(httpx.get(f"{url}/metrics").text)
 
 
 def _ranker_calls(url: str) -> float:

@@ -33,48 +33,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import torch
 
-NEG_INF = float("-inf")
-
-# Models whose full_sort_predict is forward(...) @ item_embedding.weight.T, and how to call forward.
-_SEQ_AND_LEN = "seq_and_len"
-_SEQ_ONLY = "seq_only"
-DOT_PRODUCT_MODELS: dict[str, str] = {
-    "SASRec": _SEQ_AND_LEN,
-    "GRU4Rec": _SEQ_AND_LEN,
-    "NARM": _SEQ_AND_LEN,
-    "STAMP": _SEQ_AND_LEN,
-    "LightSANs": _SEQ_AND_LEN,
-    "GCSAN": _SEQ_AND_LEN,
-    "SRGNN": _SEQ_AND_LEN,
-    "SINE": _SEQ_AND_LEN,
-    "NextItNet": _SEQ_ONLY,
-}
-
-
-def query_fn(model: torch.nn.Module) -> Callable[[Any], torch.Tensor] | None:
-    """``interaction -> seq_output [B, H]`` exactly as the model's full_sort_predict computes it,
-    or None when the model does not score by a plain dot product with its item table."""
-    cls = type(model)
-    kind = DOT_PRODUCT_MODELS.get(cls.__name__)
-    if kind is None or not cls.__module__.startswith("recbole.model.sequential_recommender."):
-        return None
-    table = getattr(getattr(model, "item_embedding", None), "weight", None)
-    if not isinstance(table, torch.Tensor) or table.dim() != 2:
-        return None
-    if kind == _SEQ_AND_LEN:
-        return lambda inter: model.forward(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN])
-    return lambda inter: model.forward(inter[model.ITEM_SEQ])
+from .ranking import NEG_INF, BatchMask, RankQuery
 
 
 class BlockTopK:
     """Exact masked top-k of ``q @ table[:n_items].T`` without materialising the score matrix.
 
-    Masks follow ``engine.apply_masks``: item 0 (padding) never, ``exclude`` never, and when
-    ``candidates`` is set only those items. Pass 1 may run in bfloat16 (*low_precision*; default:
+    Masks are ``ranking.BatchMask``'s, applied to every block in pass 1 and to the gathered items
+    in pass 2. Pass 1 may run in bfloat16 (*low_precision*; default:
     where the CPU multiplies bfloat16 natively); pass 2 is always fp32.
     """
 
@@ -149,9 +118,7 @@ class BlockTopK:
 
     # ------------------------------------------------------------------ pass 1
 
-    def _chunk_maxima(
-        self, q: torch.Tensor, excl_rows: torch.Tensor, excl_cols: torch.Tensor, low: bool
-    ) -> torch.Tensor:
+    def _chunk_maxima(self, q: torch.Tensor, mask: BatchMask, low: bool) -> torch.Tensor:
         """[B, n_chunks] fp32: the largest masked pass-1 score in every chunk of every row. The
         blocks are shared out to ``self.threads`` threads (each writes its own columns)."""
         n, block = self.n_items, self.block
@@ -160,11 +127,9 @@ class BlockTopK:
             q, weights = q.to(torch.bfloat16), self.low
         else:
             weights = _TableBlocks(self.table, block)
-        # excluded (row, item) pairs sorted by item: each block masks its own slice
-        bounds = torch.searchsorted(excl_cols, torch.arange(0, n + block, block, device=q.device)).tolist()
         starts = list(range(0, n, block))
         parts = min(self.threads, len(starts))
-        args = (q, weights, maxima, bounds, excl_rows, excl_cols)
+        args = (q, weights, maxima, mask)
         if parts <= 1:
             self._blocks(starts, *args)
         else:
@@ -185,9 +150,7 @@ class BlockTopK:
         q: torch.Tensor,
         weights: _Blocks,
         maxima: torch.Tensor,
-        bounds: list[int],
-        excl_rows: torch.Tensor,
-        excl_cols: torch.Tensor,
+        mask: BatchMask,
     ) -> None:
         """Pass 1 over the blocks at *starts*: score, mask, chunk maxima into *maxima*."""
         n, block, chunk = self.n_items, self.block, self.chunk
@@ -210,11 +173,7 @@ class BlockTopK:
                     padded = -(-width // chunk) * chunk
                     scores = torch.full((batch, padded), NEG_INF, dtype=torch.float32, device=q.device)
                     scores[:, :width] = weights.mm(q, start // block)
-                if start == 0:
-                    scores[:, 0] = NEG_INF
-                lo, hi = bounds[start // block], bounds[start // block + 1]
-                if hi > lo:
-                    scores[excl_rows[lo:hi], excl_cols[lo:hi] - start] = NEG_INF
+                mask.apply(scores, start)
                 first = start // chunk
                 last = first + scores.shape[1] // chunk
                 torch.amax(scores.view(batch, -1, chunk), dim=2, out=maxima[:, first:last])
@@ -237,11 +196,14 @@ class BlockTopK:
     # ------------------------------------------------------------------ pass 2
 
     def topk(
-        self, q: torch.Tensor, queries: Sequence[Any], k: int, force: bool = False
+        self, q: torch.Tensor, queries: Sequence[RankQuery], k: int, force: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, indices), each [B, <=k] and sorted like torch.topk, or None when the batch is
         better served by the plain path: a score matrix under *min_scores* (cheap to materialise;
-        unless *force*), or a top-k so large that most of the table would be re-scored."""
+        unless *force*), or a top-k so large that most of the table would be re-scored.
+
+        A row restricted to an allow-list of at most one block of items skips pass 1: pass 2
+        scores exactly its allowed items. Every other row goes through pass 1 with its masks."""
         batch, device, chunk = q.shape[0], q.device, self.chunk
         if not force and batch * self.n_items < self.min_scores:
             return None
@@ -249,47 +211,42 @@ class BlockTopK:
         kc = min(k, self.n_chunks)
         if kc * chunk > self.n_items // 2:  # one row alone would re-score half the table
             return None
-        plain_rows = [r for r, query in enumerate(queries) if query.candidates is None]
-        excl_rows, excl_cols = _exclusions(queries, device)
+        mask = BatchMask(queries, self.n_items, device)
+        direct = {
+            row: torch.nonzero(allowed).flatten()
+            for row, allowed in mask.allowed.items()
+            if int(allowed.sum()) <= self.block
+        }
+        scan_rows = [r for r in range(batch) if r not in direct]
         picked = None
-        if plain_rows:
-            rows = torch.tensor(plain_rows, device=device)
-            order = torch.sort(excl_cols, stable=True)
-            excl = (excl_rows[order.indices], order.values)
+        if scan_rows:
+            rows = torch.tensor(scan_rows, device=device)
             if self.low is not None:
-                picked = self._select(q[rows], self._chunk_maxima(q, *excl, low=True)[rows], kc, True)
+                picked = self._select(q[rows], self._chunk_maxima(q, mask, low=True)[rows], kc, True)
                 self.batches += 1
                 self.fallbacks += picked is None
                 if self.fallbacks > 50 and self.fallbacks > self.batches // 5:
                     self.low = None  # this model's norms make the bfloat16 bounds too loose: fp32 only
             if picked is None:
-                picked = self._select(q[rows], self._chunk_maxima(q, *excl, low=False)[rows], kc, False)
+                picked = self._select(q[rows], self._chunk_maxima(q, mask, low=False)[rows], kc, False)
             if picked is None:
                 return None  # too many near-ties: let the plain path decide
-        # per row, the item ids to re-score: the items of its picked chunks, or its candidates
-        widths = [len(x.candidates) for x in queries if x.candidates is not None]
-        width = max([picked.shape[1] * chunk if picked is not None else 0, *widths, 1])
+        # per row, the item ids to re-score: the items of its picked chunks, or its allowed items
+        width = max([picked.shape[1] * chunk if picked is not None else 0, *map(len, direct.values()), 1])
         ids = torch.full((batch, width), -1, dtype=torch.long, device=device)
         if picked is not None:
             items = picked.unsqueeze(2) * chunk + self._offsets
             items = items.masked_fill((picked < 0).unsqueeze(2) | (items >= self.n_items), -1)
-            ids[rows, : items.shape[1] * chunk] = items.reshape(len(plain_rows), -1)
-        for row, query in enumerate(queries):
-            if query.candidates is not None and query.candidates:
-                cand = torch.unique(torch.as_tensor(query.candidates, dtype=torch.long, device=device))
-                ids[row, : cand.numel()] = cand
+            ids[rows, : items.shape[1] * chunk] = items.reshape(len(scan_rows), -1)
+        for row, allowed_ids in direct.items():
+            ids[row, : allowed_ids.numel()] = allowed_ids
         union = torch.unique(ids[ids >= 0])
         if union.numel() > self.n_items // 2:
             return None
         scores = torch.mm(q, self.table[union].T)  # [B, U]: fp32 dot products, as full_sort_predict's
-        valid = ids >= 0
         cols = torch.searchsorted(union, ids.clamp(min=0)).clamp(max=max(union.numel() - 1, 0))
         values = scores.gather(1, cols) if union.numel() else torch.empty_like(ids, dtype=q.dtype)
-        mask = ~valid | (ids == 0)
-        if excl_cols.numel():
-            keys = torch.arange(batch, device=device).unsqueeze(1) * self.n_items + ids
-            mask |= torch.isin(keys, excl_rows * self.n_items + excl_cols)
-        values = values.masked_fill(mask, NEG_INF)
+        values = values.masked_fill(mask.blocked(ids), NEG_INF)
         top_values, pos = torch.topk(values, min(k, width), dim=1)
         return top_values, ids.gather(1, pos)
 
@@ -365,88 +322,6 @@ def default_threads() -> int:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, cpus // max(1, torch.get_num_threads()))
-
-
-def _exclusions(queries: Sequence[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows: list[int] = []
-    cols: list[int] = []
-    for row, query in enumerate(queries):
-        rows.extend([row] * len(query.exclude))
-        cols.extend(query.exclude)
-    return (
-        torch.tensor(rows, dtype=torch.long, device=device),
-        torch.tensor(cols, dtype=torch.long, device=device),
-    )
-
-
-class BlockRanker:
-    """``query`` (interaction -> [B, H]) and the block top-k over the model's item table."""
-
-    def __init__(self, query: Callable[[Any], torch.Tensor], scorer: BlockTopK) -> None:
-        self.query = query
-        self.scorer = scorer
-
-    @torch.inference_mode()
-    def topk(
-        self, interaction: Any, queries: Sequence[Any], k: int, force: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not force and len(queries) * self.scorer.n_items < self.scorer.min_scores:
-            return None  # before the model's forward: the plain path runs it again
-        return self.scorer.topk(self.query(interaction), queries, k, force)
-
-
-def block_ranker(engine: Any, block_items: int, min_items: int | None = None) -> BlockRanker | None:
-    """A BlockRanker for the engine's model, or None where the plain path is the one to use: the
-    model is not a dot product with its item table, the catalogue is small (< *min_items*,
-    default 4 blocks), the device is not a CPU (a GPU keeps the B x N matrix in its own memory),
-    or the block path disagrees with the plain path on probe queries at start-up."""
-    if block_items <= 0 or engine.device.type != "cpu":
-        return None
-    if engine.n_items < (4 * block_items if min_items is None else min_items):
-        return None
-    query = query_fn(engine.model)
-    if query is None:
-        return None
-    table = engine.model.item_embedding.weight.detach()
-    if table.shape[0] != engine.n_items or table.dtype != torch.float32:
-        return None
-    # below 64 blocks' worth of scores (0.5M at the default: a 2 MB matrix) the plain path is as fast
-    ranker = BlockRanker(query, BlockTopK(table, engine.n_items, block_items, min_scores=64 * block_items))
-    return ranker if _agrees(engine, ranker) else None
-
-
-def _agrees(engine: Any, ranker: BlockRanker) -> bool:
-    """Same items and the same scores (to fp32 rounding) as the plain path on a few probes."""
-    from .engine import RankQuery, apply_masks
-
-    n = engine.n_items
-    gen = torch.Generator().manual_seed(0)
-    probes = [
-        RankQuery([1], 10),
-        RankQuery(torch.randint(1, n, (engine.artifact.window,), generator=gen).tolist(), 10),
-        RankQuery(torch.randint(1, n, (3,), generator=gen).tolist(), 5),
-    ]
-    with torch.inference_mode():
-        # exclude the plain path's best items of the first probe: masks must hold in pass 1
-        first = engine.plain_topk(probes[:1], 10)[1][0].tolist()
-        probes[0].exclude = first[:5]
-        probes[2].candidates = first[5:] + [0, n - 1]
-        got = ranker.topk(engine.interaction(probes), probes, 10, force=True)
-        want = engine.plain_topk(probes, 10)
-        scores = engine.scores(probes).float()
-        apply_masks(scores, probes)
-    if got is None:
-        return True  # the batch went the plain way; nothing to compare
-    for row, probe in enumerate(probes):
-        k = probe.topk
-        if not same_topk(got[0][row, :k], got[1][row, :k], want[0][row, :k], scores[row]):
-            import logging
-
-            logging.getLogger("recbole_bento").warning(
-                "block top-k disagrees with the plain path on a probe; using the plain path"
-            )
-            return False
-    return True
 
 
 def same_topk(

@@ -1,35 +1,23 @@
 """Batched inference: pad histories as RecBole does, call the model's own full_sort_predict,
-mask, take the top-k. No HTTP here; the runner service and the benchmarks call it directly."""
+mask, take the top-k. No HTTP here; the ranking service, the batch scorer and the benchmarks call
+it directly. For models that score by a dot product with their item table (``ModelSpec.dot_product``)
+large catalogues on a CPU are ranked by the exact block top-k of ``blockwise.py`` instead."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from recbole.data.interaction import Interaction
 
 from .artifact import Artifact, ArtifactError, ServingConfig
-from .blockwise import block_ranker
+from .blockwise import BlockTopK, same_topk
+from .ranking import RankQuery, RankResult, apply_masks
 
 _OTHER_PREFIX = "__other__."
-
-
-@dataclass
-class RankQuery:
-    """One already-validated request in internal ids."""
-
-    history: list[int]  # internal item ids, oldest first, at least one
-    topk: int
-    user: int | None = None
-    exclude: list[int] = field(default_factory=list)
-    candidates: list[int] | None = None
-
-
-@dataclass
-class RankResult:
-    items: list[int]
-    scores: list[float]
+logger = logging.getLogger("recbole_bento")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -135,18 +123,78 @@ class Engine:
         return torch.topk(scores, k, dim=1)
 
 
-def apply_masks(scores: torch.Tensor, queries: Sequence[RankQuery]) -> None:
-    """In place: padding, excluded and non-candidate items get -inf, so top-k never returns them."""
-    neg_inf = float("-inf")
-    scores[:, 0] = neg_inf
-    rows, cols = [], []
-    for row, query in enumerate(queries):
-        rows.extend([row] * len(query.exclude))
-        cols.extend(query.exclude)
-    if cols:
-        scores[torch.tensor(rows), torch.tensor(cols)] = neg_inf
-    for row, query in enumerate(queries):
-        if query.candidates is not None:
-            allowed = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
-            allowed[torch.tensor(query.candidates, dtype=torch.long)] = True
-            scores[row, ~allowed] = neg_inf
+class BlockRanker:
+    """The model's query vectors (interaction -> [B, H], as its full_sort_predict computes them)
+    and the block top-k over its item table."""
+
+    def __init__(self, query: Callable[[Any], torch.Tensor], scorer: BlockTopK) -> None:
+        self.query = query
+        self.scorer = scorer
+
+    @torch.inference_mode()
+    def topk(
+        self, interaction: Any, queries: Sequence[RankQuery], k: int, force: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not force and len(queries) * self.scorer.n_items < self.scorer.min_scores:
+            return None  # before the model's forward: the plain path runs it again
+        return self.scorer.topk(self.query(interaction), queries, k, force)
+
+
+def query_fn(model: torch.nn.Module, kind: str | None) -> Callable[[Any], torch.Tensor] | None:
+    """``interaction -> seq_output [B, H]`` as the model's full_sort_predict computes it before its
+    product with ``item_embedding.weight``; None when the spec says it scores otherwise (*kind*:
+    ``ModelSpec.dot_product``) or the model has no such table."""
+    table = getattr(getattr(model, "item_embedding", None), "weight", None)
+    if kind is None or not isinstance(table, torch.Tensor) or table.dim() != 2:
+        return None
+    if kind == "seq_and_len":
+        return lambda inter: model.forward(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN])
+    return lambda inter: model.forward(inter[model.ITEM_SEQ])
+
+
+def block_ranker(engine: Engine, block_items: int, min_items: int | None = None) -> BlockRanker | None:
+    """A BlockRanker for the engine's model, or None where the plain path is the one to use: the
+    model is not a dot product with its item table, the catalogue is small (< *min_items*,
+    default 4 blocks), the device is not a CPU (a GPU keeps the B x N matrix in its own memory),
+    or the block path disagrees with the plain path on probe queries at start-up."""
+    if block_items <= 0 or engine.device.type != "cpu":
+        return None
+    if engine.n_items < (4 * block_items if min_items is None else min_items):
+        return None
+    query = query_fn(engine.model, engine.artifact.spec.dot_product)
+    if query is None:
+        return None
+    table = engine.model.item_embedding.weight.detach()
+    if table.shape[0] != engine.n_items or table.dtype != torch.float32:
+        return None
+    # below 64 blocks' worth of scores (0.5M at the default: a 2 MB matrix) the plain path is as fast
+    ranker = BlockRanker(query, BlockTopK(table, engine.n_items, block_items, min_scores=64 * block_items))
+    return ranker if _agrees(engine, ranker) else None
+
+
+def _agrees(engine: Engine, ranker: BlockRanker) -> bool:
+    """Same items and the same scores (to fp32 rounding) as the plain path on a few probes."""
+    n = engine.n_items
+    gen = torch.Generator().manual_seed(0)
+    probes = [
+        RankQuery([1], 10),
+        RankQuery(torch.randint(1, n, (engine.artifact.window,), generator=gen).tolist(), 10),
+        RankQuery(torch.randint(1, n, (3,), generator=gen).tolist(), 5),
+    ]
+    with torch.inference_mode():
+        # exclude the plain path's best items of the first probe: masks must hold in pass 1
+        first = engine.plain_topk(probes[:1], 10)[1][0].tolist()
+        probes[0].exclude = first[:5]
+        probes[2].candidates = first[5:] + [0, n - 1]
+        got = ranker.topk(engine.interaction(probes), probes, 10, force=True)
+        want = engine.plain_topk(probes, 10)
+        scores = engine.scores(probes).float()
+        apply_masks(scores, probes)
+    if got is None:
+        return True  # the batch went the plain way; nothing to compare
+    for row, probe in enumerate(probes):
+        k = probe.topk
+        if not same_topk(got[0][row, :k], got[1][row, :k], want[0][row, :k], scores[row]):
+            logger.warning("block top-k disagrees with the plain path on a probe; using the plain path")
+            return False
+    return True

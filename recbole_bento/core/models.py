@@ -9,7 +9,8 @@ per-model conditionals. A model's quirks are data in its ModelSpec row:
   pre-training file from disk: the stored weights replace that anyway);
 - config values a checkpoint must have to be servable (S3Rec must be fine-tuned);
 - whether full_sort_predict also computes a training loss, and so reads a target item (CPR models);
-- what its scores are (RepeatNet and the CPR models return probabilities).
+- what its scores are (RepeatNet and the CPR models return probabilities);
+- whether it scores by a dot product with its item table, and how its forward is called.
 
 Quirks that need no code are recorded in ``notes`` for the model table: the engine always pads to
 MAX_ITEM_LIST_LENGTH as RecBole's dataloader does (SINE, Caser and NextItNet need that exact
@@ -22,9 +23,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+DotProduct = Literal["seq_and_len", "seq_only"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class ModelSpec:
     # do, the scores do not depend on it
     target_placeholder: bool = False
     output: str = "scores"  # what score_list holds: "scores" or "probabilities"
+    # full_sort_predict is forward(...) @ item_embedding.weight.T: how forward is called
+    # ("seq_and_len": (item_seq, item_seq_len), "seq_only": (item_seq,)); None = scored otherwise.
+    # Such models are ranked by the exact block top-k on large catalogues (blockwise.py).
+    dot_product: DotProduct | None = None
     notes: str = ""
 
     @property
@@ -103,6 +110,7 @@ _WINDOW = "reads the exact window: histories are padded to MAX_ITEM_LIST_LENGTH 
 _FEATURES = "item feature columns named by selected_features are stored at import"
 _CPR = "full_sort_predict computes a loss too, so a placeholder target item is passed"
 _KG_ROWS = "ITEM_ID_FIELD"
+_DOT: DotProduct = "seq_and_len"
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -118,8 +126,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ),
         ModelSpec("FOSSIL", needs_user=True),
         ModelSpec("FPMC", needs_user=True),
-        ModelSpec("GCSAN"),
-        ModelSpec("GRU4Rec"),
+        ModelSpec("GCSAN", dot_product=_DOT),
+        ModelSpec("GRU4Rec", dot_product=_DOT),
         ModelSpec("GRU4RecCPR", target_placeholder=True, output="probabilities", notes=_CPR),
         ModelSpec("GRU4RecF", item_feature_keys=("selected_features",), notes=_FEATURES),
         ModelSpec(
@@ -140,9 +148,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "RecBole 1.2.1 preloads them as float64, with which KSR itself cannot train or predict "
             "(its memory_read mixes them with float32); cast them to float32 to train it",
         ),
-        ModelSpec("LightSANs"),
-        ModelSpec("NARM"),
-        ModelSpec("NextItNet", notes=_WINDOW),
+        ModelSpec("LightSANs", dot_product=_DOT),
+        ModelSpec("NARM", dot_product=_DOT),
+        ModelSpec("NextItNet", dot_product="seq_only", notes=_WINDOW),
         ModelSpec("NPE", needs_user=True),
         ModelSpec("RepeatNet", output="probabilities"),
         ModelSpec(
@@ -155,13 +163,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             notes="fine-tuned checkpoints only; built without re-reading pre_model_path (the stored "
             "weights replace it)",
         ),
-        ModelSpec("SASRec"),
+        ModelSpec("SASRec", dot_product=_DOT),
         ModelSpec("SASRecCPR", target_placeholder=True, output="probabilities", notes=_CPR),
         ModelSpec("SASRecF", item_feature_keys=("selected_features",), notes=_FEATURES),
         ModelSpec("SHAN", needs_user=True),
-        ModelSpec("SINE", notes=_WINDOW),
-        ModelSpec("SRGNN"),
-        ModelSpec("STAMP"),
+        ModelSpec("SINE", dot_product=_DOT, notes=_WINDOW),
+        ModelSpec("SRGNN", dot_product=_DOT),
+        ModelSpec("STAMP", dot_product=_DOT),
         ModelSpec("TransRec", needs_user=True),
         ModelSpec("DIN", unsupported=_NO_FULL_SORT),
         ModelSpec("DIEN", unsupported=_NO_FULL_SORT),

@@ -84,20 +84,6 @@ def model_call(model_tag: str, batch_size: int) -> Iterator[None]:
         m.rank_seconds.labels(model_tag).observe(time.perf_counter() - start)
 
 
-def batch_counts(metrics_text: str) -> tuple[float, float]:
-    """(model calls, histories ranked) from the ``recbole_bento_batch_size`` histogram in a
-    ``/metrics`` text, summed over every label set (model tags, workers)."""
-    histogram = f"{PREFIX}_batch_size"
-    calls = histories = 0.0
-    for line in metrics_text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name == histogram + "_count":
-            calls += float(line.rsplit(" ", 1)[1])
-        elif name == histogram + "_sum":
-            histories += float(line.rsplit(" ", 1)[1])
-    return calls, histories
-
-
 def refusal_outcome(status: int) -> str | None:
     """The outcome of a call that ended with HTTP *status*; None for answered ones (counted per entry)."""
     if status < 400:

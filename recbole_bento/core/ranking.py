@@ -1,0 +1,111 @@
+"""What a ranking request is, what comes back, and which items a request may get back.
+
+``BatchMask`` is the one implementation of the masking rules; the plain path (whole score matrix),
+the block top-k (one block of items at a time, then gathered items) and the popularity fallback
+all apply it:
+
+* item 0 (RecBole's padding) is never returned;
+* the items of a query's ``exclude`` list are never returned;
+* when a query sets ``candidates``, only those items may be returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RankQuery:
+    """One already-validated request in internal ids."""
+
+    history: list[int]  # internal item ids, oldest first (empty only for the popularity fallback)
+    topk: int
+    user: int | None = None
+    exclude: list[int] = field(default_factory=list)
+    candidates: list[int] | None = None
+
+
+@dataclass
+class RankResult:
+    items: list[int]
+    scores: list[float]
+
+
+class BatchMask:
+    """Which items each row of a batch of queries may return, over a catalogue of *n_items*."""
+
+    def __init__(
+        self, queries: Sequence[RankQuery], n_items: int, device: torch.device | str = "cpu"
+    ) -> None:
+        self.n_items = n_items
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, query in enumerate(queries):
+            rows.extend([row] * len(query.exclude))
+            cols.extend(query.exclude)
+        excl_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        excl_cols = torch.tensor(cols, dtype=torch.long, device=device)
+        order = torch.sort(excl_cols, stable=True)  # by item: a block of items finds its own slice
+        self.excl_rows, self.excl_cols = excl_rows[order.indices], order.values
+        # rows restricted to an allow-list: row -> bool [n_items]
+        self.allowed: dict[int, torch.Tensor] = {}
+        for row, query in enumerate(queries):
+            if query.candidates is not None:
+                allowed = torch.zeros(n_items, dtype=torch.bool, device=device)
+                allowed[torch.tensor(query.candidates, dtype=torch.long, device=device)] = True
+                self.allowed[row] = allowed
+
+    def restricted(self, row: int) -> bool:
+        return row in self.allowed
+
+    def apply(self, scores: torch.Tensor, start: int = 0) -> None:
+        """In place: -inf wherever a row may not return an item. *scores* is [batch, width] and
+        covers the items ``start .. start + width - 1`` (the whole catalogue by default)."""
+        width = scores.shape[1]
+        if start == 0:
+            scores[:, 0] = NEG_INF
+        lo, hi = torch.searchsorted(self.excl_cols, torch.tensor([start, start + width])).tolist()
+        if hi > lo:
+            scores[self.excl_rows[lo:hi], self.excl_cols[lo:hi] - start] = NEG_INF
+        for row, allowed in self.allowed.items():
+            part = allowed[start : start + width]
+            scores[row, : part.numel()].masked_fill_(~part, NEG_INF)
+
+    def blocked(self, ids: torch.Tensor) -> torch.Tensor:
+        """bool [batch, width]: True where row r may not return item ``ids[r, j]`` (-1 = no item)."""
+        out = (ids <= 0) | (ids >= self.n_items)
+        if self.excl_cols.numel():
+            keys = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1) * self.n_items + ids
+            out |= torch.isin(keys, self.excl_rows * self.n_items + self.excl_cols)
+        for row, allowed in self.allowed.items():
+            out[row] |= ~allowed[ids[row].clamp(0, self.n_items - 1)]
+        return out
+
+
+def apply_masks(scores: torch.Tensor, queries: Sequence[RankQuery]) -> None:
+    """In place on a [batch, n_items] score matrix: the masks of *queries* (``BatchMask.apply``)."""
+    BatchMask(queries, scores.shape[1], scores.device).apply(scores)
+
+
+def popularity_order(counts: torch.Tensor) -> torch.Tensor:
+    """Internal item ids, most interactions first; ties by id (the padding item 0 included: masks drop it)."""
+    return torch.sort(-counts.double(), stable=True).indices
+
+
+def popular_topk(order: torch.Tensor, counts: torch.Tensor, query: RankQuery) -> RankResult:
+    """The fallback answer: the query's top-k by training popularity, masked as the model's answers are.
+
+    Without an allow-list only the first ``topk + len(exclude) + 1`` items of *order* can be
+    needed (at most that many are masked), so the check does not grow with the catalogue."""
+    mask = BatchMask([query], counts.numel())
+    if mask.restricted(0):
+        pool = order
+    else:
+        pool = order[: query.topk + len(query.exclude) + 1]
+    keep = pool[~mask.blocked(pool.unsqueeze(0))[0]][: query.topk]
+    return RankResult(keep.tolist(), counts[keep].double().tolist())

@@ -1,0 +1,52 @@
+"""The one start-up step of every `bentoml serve` process, before the services are declared.
+
+``service.py`` calls ``start()`` once at import; each BentoML process (the arbiter, then every
+worker) imports it, so each runs these steps, in this order:
+
+1. logging: the project's logger at INFO, JSON lines when ``RECBOLE_BENTO_JSON_LOGS=1``, refused
+   requests as one WARNING line instead of BentoML's ERROR traceback;
+2. the stored model: ``RECBOLE_BENTO_MODEL`` (unset: the newest import) resolved in the model
+   store, and every stored file checked against its sha256 (an altered model stops the server
+   before any worker starts; the services then load with ``verified=True``);
+3. the device: ``RECBOLE_BENTO_DEVICE`` checked (a bad value stops the server with the reason
+   instead of restarting a failing worker);
+4. BentoML's per-request costs that change no answer removed (``bentoml_compat.apply``), and the
+   tracing config that spares the API paths OpenTelemetry spans when tracing is off.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import bentoml
+
+from ..core import store
+from ..core.engine import pick_device
+from ..settings import Settings
+from . import bentoml_compat, guard, observability
+
+logger = logging.getLogger("recbole_bento")
+
+
+@dataclass(frozen=True)
+class Started:
+    model: bentoml.Model  # the stored model this process serves, verified
+    tag: str
+    device: str  # where the ranking service runs the model
+    tracing: dict[str, Any]  # the services' ``tracing`` config
+
+
+def start(settings: Settings, traced_paths: list[str]) -> Started:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
+    logger.setLevel(logging.INFO)  # "loaded <tag> on <device>"; BentoML's root logger passes warnings only
+    if settings.json_logs:
+        observability.use_json_logs()
+    guard.quiet_client_errors()
+    model = store.resolve(settings.model)
+    store.verify(model)
+    device = str(pick_device(settings.device))
+    bentoml_compat.apply()
+    return Started(model, str(model.tag), device, bentoml_compat.untraced(traced_paths))
