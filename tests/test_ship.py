@@ -128,7 +128,9 @@ def test_build_carries_the_model_the_sources_and_a_dockerfile(cpu_bento, sasrec_
         if p.is_file() and "__pycache__" not in p.parts
     }
     assert {"service.py", "import_model.py", *package} <= shipped
-    assert not {p for p in shipped if p.split("/")[0] in {"tests", "bench", "demo", "deploy", "docs", "devtools"}}
+    assert not {
+        p for p in shipped if p.split("/")[0] in {"tests", "bench", "demo", "deploy", "docs", "devtools"}
+    }
     assert not {p for p in shipped if "__pycache__" in p or p.startswith(".")}
 
     requirements = requirement_lines(cpu_bento)
