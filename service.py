@@ -17,7 +17,8 @@ from starlette.responses import Response
 
 from recbole_bento.core import store
 from recbole_bento.core.engine import Engine
-from recbole_bento.core.ranking import RankQuery, RankResult, popular_topk, popularity_order
+from recbole_bento.core.planner import Plan, Planner, RequestError
+from recbole_bento.core.ranking import RankQuery, RankResult
 from recbole_bento.edge import bentoml_compat, guard, lifecycle, observability, startup
 from recbole_bento.edge.schemas import ModelInfo, RecommendRequest, RecommendResponse
 from recbole_bento.settings import SETTINGS
@@ -45,8 +46,6 @@ class Ranker:
     stored_model = BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        import torch
-
         if SETTINGS.torch_threads:
             torch.set_num_threads(SETTINGS.torch_threads)
         self.engine = Engine(
@@ -96,16 +95,7 @@ class Recommender:
         stored = self.stored_model
         artifact = store.load(stored, load_weights=False, verified=True)
         self.metadata = dict(stored.info.metadata)
-        self.spec = artifact.spec
-        self.item_tokens = artifact.item_tokens
-        self.item_ids = {token: i for i, token in enumerate(artifact.item_tokens) if i}
-        self.user_ids = (
-            {token: i for i, token in enumerate(artifact.user_tokens) if i} if artifact.user_tokens else {}
-        )
-        self.popularity = torch.from_numpy(artifact.popularity)
-        self.popular = popularity_order(self.popularity)
-        self.n_items = len(artifact.item_tokens) - 1
-        self.max_topk = min(SETTINGS.max_topk, self.n_items)
+        self.planner = Planner(artifact, SETTINGS.max_topk)
         self._rank_one = CorkDispatcher(
             max_latency_in_ms=SETTINGS.max_latency_ms,
             max_batch_size=SETTINGS.max_batch_size,
@@ -121,60 +111,28 @@ class Recommender:
 
     # ------------------------------------------------------------------ helpers
 
-    def _known(self, ids: list[int | str]) -> list[int]:
-        return [self.item_ids[str(x)] for x in ids if str(x) in self.item_ids]
+    def _plan(self, req: RecommendRequest) -> Plan:
+        try:
+            return self.planner.plan(req)
+        except RequestError as exc:
+            raise InvalidArgument(str(exc)) from None
 
-    def _plan(self, req: RecommendRequest) -> tuple[RankQuery, list[str]]:
-        """Validate one request and map it to internal ids."""
-        if req.topk > self.max_topk:
-            raise InvalidArgument(f"topk must be between 1 and {self.max_topk}, got {req.topk}")
-        history, unknown = [], []
-        for raw in req.sequence:
-            internal = self.item_ids.get(str(raw))
-            if internal is None:
-                unknown.append(str(raw))
-            else:
-                history.append(internal)
-        user = None
-        if self.spec.needs_user:
-            if req.user_id is None:
-                raise InvalidArgument(f"{self.spec.name} needs a user_id: it ranks with the user's embedding")
-            user = self.user_ids.get(str(req.user_id))
-        exclude = self._known(req.exclude)
-        if req.exclude_seen:
-            exclude = exclude + history
-        candidates = None if req.candidates is None else self._known(req.candidates)
-        query = RankQuery(history, req.topk, user, exclude, candidates)
-        return query, unknown
-
-    def _rankable(self, query: RankQuery) -> bool:
-        """False: the popularity fallback answers (no known history item, or an unknown user)."""
-        return bool(query.history) and not (self.spec.needs_user and query.user is None)
-
-    def _response(self, result: RankResult, unknown: list[str], fallback: bool) -> RecommendResponse:
-        return RecommendResponse.model_construct(  # built from our own values: nothing to validate
-            item_list=[self.item_tokens[i] for i in result.items],
-            score_list=result.scores,
-            unknown_items=unknown,
-            fallback="popular" if fallback else None,
-        )
+    def _response(self, plan: Plan, result: RankResult) -> RecommendResponse:
+        # built from our own values: nothing to validate
+        return RecommendResponse.model_construct(**self.planner.answer(plan, result))
 
     async def _answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
         plans = [self._plan(r) for r in requests]  # raises before anything is batched
-        to_rank = [q for q, _ in plans if self._rankable(q)]
+        to_rank = [p.query for p in plans if p.rankable]
         if len(to_rank) == 1:
             ranked = iter([await self._rank_one(to_rank[0])])
         else:
             ranked = iter(await self.ranker.to_async.rank(to_rank) if to_rank else [])
         out = []
-        for req, (query, unknown) in zip(requests, plans, strict=True):
-            if not self._rankable(query):
-                out.append(self._response(popular_topk(self.popular, self.popularity, query), unknown, True))
-                fallback = "unknown_user" if query.history else "no_known_items"
-            else:
-                out.append(self._response(next(ranked), unknown, False))
-                fallback = None
-            observability.answered(MODEL_TAG, len(req.sequence), len(unknown), fallback)
+        for req, plan in zip(requests, plans, strict=True):
+            result = next(ranked) if plan.rankable else self.planner.popular(plan)
+            out.append(self._response(plan, result))
+            observability.answered(MODEL_TAG, len(req.sequence), len(plan.unknown), plan.fallback)
         return out
 
     # ------------------------------------------------------------------ API
@@ -202,11 +160,11 @@ class Recommender:
         """What is being served: tag, model, dataset, sizes, inputs, import-time metrics."""
         return ModelInfo(
             tag=MODEL_TAG,
-            recbole_model=self.spec.name,
+            recbole_model=self.planner.spec.name,
             dataset=self.metadata["dataset"],
-            item_count=self.n_items,
+            item_count=self.planner.n_items,
             max_history_length=self.metadata["max_history_length"],
-            required_inputs=self.spec.required_inputs,
+            required_inputs=self.planner.spec.required_inputs,
             device=await self.ranker.to_async.device(),
             metrics={
                 "valid_metric": self.metadata.get("valid_metric"),
@@ -214,7 +172,7 @@ class Recommender:
             },
             limits={
                 "max_history": SETTINGS.max_history,
-                "max_topk": self.max_topk,
+                "max_topk": self.planner.max_topk,
                 "max_batch_requests": SETTINGS.max_batch_requests,
                 "max_body_bytes": SETTINGS.max_body_bytes,
                 "max_concurrency": SETTINGS.max_concurrency,
