@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := demo
 PORT ?= 3000
 
-.PHONY: install serve demo-model test lint clean
+.PHONY: install serve demo-model test lint clean bench-peers-env
 
 # CPU torch first: a bare `torch` requirement with nothing installed pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,10 @@ lint: | $(VENV)/.installed
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The benchmark's peers (LitServe, Ray Serve) in their own venv, and wrk: docs/benchmarks.md.
+bench-peers-env:
+	bench/peers/setup.sh
 
 clean:
 	rm -rf $(DEMO) $(VENV)
