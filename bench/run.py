@@ -37,8 +37,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 WORK = BENCH / ".work"
-os.environ.setdefault("BENTOML_HOME", str(WORK / "bentoml"))
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
@@ -49,8 +47,6 @@ WRK_SCRIPT = BENCH / "wrk_bodies.lua"
 DOCS = ROOT / "docs"
 RESULTS = BENCH / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-# Every subprocess imports this checkout's package, whatever the venv's editable install points at.
-PRODUCT_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 # --tuned: the service with what docs/configuration.md offers for a small CPU machine. --service-env adds.
 TUNED_ENV = {
@@ -89,8 +85,14 @@ class Fixture:
 # ---------------------------------------------------------------- fixtures
 
 
+def _product_env() -> dict[str, str]:
+    """Every subprocess imports this checkout's package, whatever the venv's editable install
+    points at."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def _run(cmd: list[str], cwd: Path = ROOT, timeout: float = 1800) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=PRODUCT_ENV, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=_product_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -252,7 +254,7 @@ def serving(
         proc = subprocess.Popen(
             ["taskset", "-c", cores, *cmd],
             cwd=ROOT,
-            env=env or PRODUCT_ENV,
+            env=env or _product_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -302,7 +304,7 @@ def start_side(
     cores = args.server_cores
     model = ["--checkpoint", fx.checkpoint, "--dataset-pickle", fx.dataset_pickle, "--port", "{port}"]
     if side in ("service", "service-tuned"):
-        env = {k: v for k, v in PRODUCT_ENV.items() if not k.startswith("RECBOLE_BENTO_")}
+        env = {k: v for k, v in _product_env().items() if not k.startswith("RECBOLE_BENTO_")}
         env.pop("BENTOML_CONFIG_OVERRIDES", None)
         env["RECBOLE_BENTO_MODEL"] = fx.tag
         if side == "service-tuned":
@@ -702,6 +704,9 @@ def _default_cores() -> tuple[str, str]:
 
 
 def main() -> None:
+    # The private model store, set before bentoml is first imported (fixture()).
+    os.environ.setdefault("BENTOML_HOME", str(WORK / "bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     servers, generator = _default_cores()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalogue", default="ml-100k,1m", help="ml-100k, 100k, 1m (comma-separated)")
