@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -79,8 +80,11 @@ def main() -> None:
         # The replica imports recipe_model from bench/.
         runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}},
     )
-    stop = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # taken below by sigwait, not by a handler
+    # A handler, not the default action: whichever of Ray's threads the signal reaches, the main
+    # thread then shuts Serve and Ray down.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         app = Recommender.bind(
@@ -88,7 +92,7 @@ def main() -> None:
         )
         serve.run(app, route_prefix="/recommend")
         print(json.dumps({"ready": True, "port": args.port, "ray_temp_dir": temp_dir}), flush=True)
-        signal.sigwait(stop)
+        stopping.wait()
     finally:
         serve.shutdown()
         ray.shutdown()
