@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
+from devtools.metrics import batch_counts  # noqa: E402
+
 FIXTURES = WORK / "fixtures"
 PEERS_PYTHON = WORK / "peers-venv" / "bin" / "python"
 WRK_SCRIPT = BENCH / "wrk_bodies.lua"
@@ -364,19 +366,6 @@ def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
     return {pid: cpu - before.get(pid, (role, 0.0))[1] for pid, (role, cpu) in after.items()}
 
 
-def batch_counts(metrics_text: str) -> tuple[float, float]:
-    """(model calls, histories ranked) from the ``recbole_bento_batch_size`` histogram in a
-    ``/metrics`` text, summed over every label set (model tags, workers)."""
-    calls = histories = 0.0
-    for line in metrics_text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name == "recbole_bento_batch_size_count":
-            calls += float(line.rsplit(" ", 1)[1])
-        elif name == "recbole_bento_batch_size_sum":
-            histories += float(line.rsplit(" ", 1)[1])
-    return calls, histories
-
-
 def _service_batches(server: Server) -> tuple[float, float]:
     if not server.side.startswith("service"):
         return (0.0, 0.0)
@@ -654,6 +643,8 @@ def markdown(report: dict) -> str:
                     f"| {cat} | {c} | {_fmt(r['mean_batch'])} | {_fmt(r['engine_seq_s'], 0)} "
                     f"| {_fmt(r['naive_seq_s'], 0)} | {_fmt(r['served_rps'], 0)} | {r['share']:.0%} |"
                 )
+        if any(r["share"] > 1 for rows in report["served_vs_ceiling"].values() for r in rows.values()):
+            lines += ["", "**A ceiling below what was served: the machine was busy while it ran.**"]
     lines += ["", "Same top-10 as the service (first histories of the request file):", ""]
     for cat, peers in report["parity"].items():
         cells = [f"{p} {r['same_order']}/{r['n']} ({r['same_items']} same items)" for p, r in peers.items()]

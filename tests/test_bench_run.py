@@ -1,5 +1,5 @@
-"""bench/run.py's own arithmetic: wrk's result line, the batch histogram, parity, best of rounds,
-the targets. No servers, no timings."""
+"""bench/run.py's own arithmetic: wrk's result line, parity, best of rounds, the targets. No servers,
+no timings."""
 
 from __future__ import annotations
 
@@ -10,21 +10,6 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 import run  # noqa: E402
-
-
-def test_batch_counts_sum_the_model_call_histogram_over_label_sets() -> None:
-    text = "\n".join(
-        [
-            "# TYPE recbole_bento_batch_size histogram",
-            'recbole_bento_batch_size_sum{model_tag="a:1"} 30.0',
-            'recbole_bento_batch_size_count{model_tag="a:1"} 3.0',
-            'recbole_bento_batch_size_sum{model_tag="b:2"} 10.0',
-            'recbole_bento_batch_size_count{model_tag="b:2"} 2.0',
-            'recbole_bento_batch_size_bucket{le="1.0",model_tag="a:1"} 0.0',
-            'bentoml_service_adaptive_batch_size_sum{method_name="rank",worker_index="1"} 99.0',
-        ]
-    )
-    assert run.batch_counts(text) == (5.0, 40.0)
 
 
 def test_wrk_result_is_the_last_json_line() -> None:
