@@ -20,7 +20,7 @@ from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Plan, Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
 from recbole_bento.edge import bentoml_compat, guard, lifecycle, observability, startup
-from recbole_bento.edge.schemas import ModelInfo, RecommendRequest, RecommendResponse
+from recbole_bento.edge.schemas import ModelInfo, RecommendBatchRequest, RecommendRequest, RecommendResponse
 from recbole_bento.settings import SETTINGS
 
 logger = logging.getLogger("recbole_bento")
@@ -146,7 +146,7 @@ class Recommender:
         answer = (await self._answer([RecommendRequest.model_construct(**fields)]))[0]
         return Response(answer.model_dump_json(), media_type="application/json")
 
-    @bentoml.api
+    @bentoml.api(input_spec=RecommendBatchRequest)
     async def recommend_batch(self, requests: list[RecommendRequest]) -> dict[str, list[RecommendResponse]]:
         """Several /recommend bodies in one call; results come back in the same order."""
         if len(requests) > SETTINGS.max_batch_requests:
@@ -196,4 +196,6 @@ Recommender.add_asgi_middleware(
     max_body_bytes=SETTINGS.max_body_bytes,
     max_concurrency=SETTINGS.max_concurrency,
     retry_after_s=SETTINGS.retry_after_s,
+    body_timeout_s=SETTINGS.body_timeout_s,
+    max_pending_bodies=SETTINGS.max_pending_bodies,
 )

@@ -22,11 +22,14 @@ class Settings:
     block_items: int = 8192  # exact block top-k over large catalogues (CPU); 0 = always full matrix
     # Traffic limits of the public service (docs/configuration.md); 0 turns a limit off.
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies -> 413, never read into memory
+    body_timeout_s: int = 10  # the whole body must arrive within this time -> else 408
+    max_pending_bodies: int = 64  # requests still receiving their body at once; more -> 429
     max_concurrency: int = 256  # requests in progress at once; more -> 429 with Retry-After
     retry_after_s: int = 1  # the Retry-After a 429 carries
     request_timeout_s: int = 30  # a request not answered in this time -> 504
     shutdown_grace_s: int = 40  # after SIGTERM: finish accepted requests, exit within this time
     json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)
+    allow_untested_bentoml: int = 0  # 1 = serve on a BentoML the edge was not written for (no patches)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -13,6 +13,9 @@ ItemId = Annotated[
     Field(description="an external id as in the atomic files: JSON string or integer"),
 ]
 IdList = Annotated[list[ItemId], Field(max_length=SETTINGS.max_history)]
+# OpenAPI 3.0's "nullable" on an optional field: BentoML's /docs.json keeps only the first branch of
+# its anyOf, so without it the published schema says the field is never null.
+NULLABLE: dict = {"json_schema_extra": {"nullable": True}}
 
 
 class RecommendRequest(BaseModel):
@@ -20,10 +23,20 @@ class RecommendRequest(BaseModel):
 
     sequence: IdList = Field(description="the item history, oldest first")
     topk: StrictInt = Field(10, ge=1, le=SETTINGS.max_topk, description="how many items to return")
-    user_id: ItemId | None = Field(None, description="needed by models that read a user id")
+    user_id: ItemId | None = Field(None, description="needed by models that read a user id", **NULLABLE)
     exclude_seen: StrictBool = Field(False, description="drop the history's items from the result")
     exclude: IdList = Field(default_factory=list, description="items never to return")
-    candidates: IdList | None = Field(None, description="if set, only these items may be returned")
+    candidates: IdList | None = Field(
+        None, description="if set, only these items may be returned", **NULLABLE
+    )
+
+
+class RecommendBatchRequest(BaseModel):
+    """The /recommend_batch body; unknown top-level fields are refused, as in /recommend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RecommendRequest] = Field(description="/recommend bodies, answered in this order")
 
 
 class RecommendResponse(BaseModel):
