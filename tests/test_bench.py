@@ -1,4 +1,4 @@
-"""The benchmark harness's own pieces (bench/), and the BentoML per-response patch. No timings."""
+"""The benchmark harness's own pieces (bench/). No timings. (The BentoML patches: test_compat.py.)"""
 
 from __future__ import annotations
 
@@ -65,39 +65,3 @@ def test_fixture_atomic_file_sees_every_item(tmp_path) -> None:
     assert {item for _, item, _ in rows} == {f"i{i}" for i in range(1000)}
     assert make_large_fixture.catalogue_name(1_000_000) == "synth-1m"
     assert make_large_fixture.catalogue_name(100_000) == "synth-100k"
-
-
-def test_mime_type_cache_keeps_every_answer() -> None:
-    from _bentoml_sdk.io_models import IORootModel, ensure_io_descriptor
-
-    from recbole_bento.core.ranking import RankResult
-    from recbole_bento.edge import bentoml_compat
-
-    kinds = [list[RankResult], str, bytes, dict[str, int]]
-    before = [ensure_io_descriptor(kind).mime_type() for kind in kinds]
-    bentoml_compat.apply()
-    bentoml_compat.apply()  # idempotent
-    assert [ensure_io_descriptor(kind).mime_type() for kind in kinds] == before
-    from _bentoml_sdk.io_models import IOMixin
-
-    # the patch is in place: IORootModel no longer inherits IOMixin's per-call schema build
-    assert IORootModel.mime_type.__func__ is not IOMixin.mime_type.__func__
-
-
-def test_api_method_wrappers_are_built_once_per_instance() -> None:
-    import bentoml
-
-    from recbole_bento.edge import bentoml_compat
-
-    bentoml_compat.apply()
-
-    @bentoml.service
-    class Echo:
-        @bentoml.api
-        def echo(self, text: str = "hi") -> str:
-            return text
-
-    first, second = Echo(), Echo()
-    assert first.echo.local is first.echo.local  # BentoML alone builds a new one per lookup
-    assert first.echo.local is not second.echo.local
-    assert first.echo() == "hi" and second.echo(text="x") == "x"

@@ -126,7 +126,7 @@ def test_operations_doc_names_every_metric_and_alert():
     doc = (ROOT / "docs" / "operations.md").read_text()
     for name in OURS:
         assert name in doc, name
-    source = (ROOT / "recbole_bento" / "observability.py").read_text()
+    source = (ROOT / "recbole_bento" / "edge" / "observability.py").read_text()
     defined = {f"recbole_bento_{m}" for m in re.findall(r'f"\{PREFIX\}_(\w+)"', source)}
     assert {n.removesuffix("_total") for n in OURS} == defined
 

@@ -1,38 +1,185 @@
-"""Per-request costs of BentoML 1.4 that buy nothing here, removed without changing any answer.
+"""Every use of BentoML's private internals, in one place, checked when a server starts.
 
-* ``IORootModel.mime_type()`` builds the output type's whole JSON schema (pydantic) on *every*
-  response, only to learn that a ``list[RankResult]`` is sent as JSON/pickle: about 15% of the
-  ranking worker's CPU under load (py-spy, bench/). The answer depends on the class alone, so it
-  is cached per class.
-* ``APIMethod._local_call(instance)`` runs ``inspect.signature`` and builds a new wrapper each time
-  an API method is looked up on the service instance, which BentoML's endpoint does once per
-  request: about 5% of the public worker's CPU on ml-100k. The wrapper depends only on the method
-  and the instance, so it is built once per pair.
+The rest of the project uses BentoML's public API only (``@bentoml.service``, ``bentoml.api``,
+``bentoml.depends``, ``add_asgi_middleware``, its configuration keys, its ``bentoml`` logger) and
+OpenTelemetry's for trace ids. What follows has no public equivalent in BentoML 1.4; each entry says
+why. ``check()`` runs first in every ``bentoml serve`` process (``edge/startup.py``): it compares
+the installed BentoML with the range this was written for (``TESTED_BENTOML``, the pyproject pin)
+and the shape of each internal below, and stops the server with one line when one differs, so a
+BentoML upgrade fails loudly at start instead of silently at the first request. With
+``RECBOLE_BENTO_ALLOW_UNTESTED_BENTOML=1`` it logs the differences and the server runs without any
+of them (slower, every path traced, the arbiter's own log lines in BentoML's format). The
+assumptions are tested one by one in tests/test_compat.py.
+
+* ``_bentoml_sdk.io_models.IORootModel.mime_type`` (patched, ``apply``): builds the output type's
+  whole JSON schema (pydantic) on every response, only to learn that a ``list[RankResult]`` is sent
+  as JSON/pickle: about 15% of the ranking worker's CPU under load (py-spy). The answer depends on
+  the class alone, so it is cached per class. BentoML offers no option to declare the media type of
+  a root output.
+* ``_bentoml_sdk.method.APIMethod._local_call`` (patched, ``apply``): runs ``inspect.signature``
+  and builds a new wrapper each time an API method is looked up on the service instance, which
+  BentoML's endpoint does once per request: about 5% of the public worker's CPU on ml-100k. The
+  wrapper depends only on the method and the instance, so it is built once per pair. The lookup is
+  inside BentoML's request handling; nothing public reaches it.
+* ``BentoMLContainer.config.tracing.sample_rate`` (read, ``untraced``): whether the operator set a
+  sample rate, merged from ``BENTOML_CONFIG``, ``BENTOML_CONFIG_OVERRIDES`` and the defaults.
+  BentoML's one public reader of the effective configuration, ``bentoml.save_config``, fails in
+  1.4 (it YAML-dumps the configuration provider itself: ``RepresenterError``), and re-implementing
+  BentoML's merge here would drift from it.
+* ``bentoml._internal.log.SERVER_LOGGING_CONFIG`` / ``CLI_LOGGING_CONFIG`` (their formatters
+  replaced, ``use_log_formatter``): the JSON log format. BentoML's configuration has no log
+  format option (``logging.formatting`` only formats trace ids), and the ``bentoml serve`` process
+  hands ``SERVER_LOGGING_CONFIG`` to circus *after* importing the service, so setting the
+  formatter on the live handlers does not reach its lines.
+* ``WORKER_MODULE`` (``lifecycle.py``): the sibling workers of one ``bentoml serve`` are recognised
+  by this module and its ``--service-name`` option on their command line. BentoML exposes no list
+  of the processes serving which service (``bentoml.server_context`` knows the current process
+  only).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import re
 import weakref
+from collections.abc import Callable
 from typing import Any
 
+import bentoml
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 logger = logging.getLogger("recbole_bento")
+
+TESTED_BENTOML = ">=1.4.30,<1.5"  # the range the internals below were read in (pyproject's pin)
+ALLOW_UNTESTED = "RECBOLE_BENTO_ALLOW_UNTESTED_BENTOML"
+WORKER_MODULE = "_bentoml_impl.worker.service"  # what `bentoml serve` runs each worker as
+
 _applied = False
 
 
+# ---------------------------------------------------------------------------------------- the check
+
+
+def problems() -> list[str]:
+    """How the installed BentoML differs from what this module was written for; [] when it does not."""
+    found = []
+    try:
+        tested = Version(bentoml.__version__) in SpecifierSet(TESTED_BENTOML)
+    except InvalidVersion:
+        tested = False
+    if not tested:
+        found.append(f"BentoML {bentoml.__version__} is outside {TESTED_BENTOML}")
+    for name, assumption in ASSUMPTIONS.items():
+        try:
+            assumption()
+        except Exception as exc:  # an import, an attribute, a shape: each says what moved
+            found.append(f"{name}: {type(exc).__name__}: {exc}")
+    return found
+
+
+def check(allow_untested: bool) -> bool:
+    """True when the internals may be used. Otherwise stops the process (``SystemExit``, one line),
+    or, with *allow_untested*, logs the differences and returns False."""
+    found = problems()
+    if not found:
+        return True
+    differences = "; ".join(found)
+    if allow_untested:
+        logger.warning("BentoML differs (%s): serving without recbole-bento's BentoML patches", differences)
+        return False
+    raise SystemExit(
+        f"recbole-bento needs bentoml{TESTED_BENTOML}: {differences}. Install bentoml{TESTED_BENTOML}, or "
+        f"set {ALLOW_UNTESTED}=1 to serve without the BentoML patches (slower, untested)"
+    )
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise AssertionError(what)
+
+
+def _positional(func: Callable[..., Any]) -> list[str]:
+    return [p.name for p in inspect.signature(func).parameters.values()]
+
+
+# Each internal is reached through one function that checks its shape and returns it: ``check``
+# calls them all at start-up, the uses below call the one they need.
+
+
+def _io_root_model() -> Any:
+    from _bentoml_sdk.io_models import IOMixin, IORootModel
+
+    _expect(issubclass(IORootModel, IOMixin), "IORootModel no longer derives from IOMixin")
+    original = inspect.getattr_static(IOMixin, "mime_type")
+    _expect(isinstance(original, classmethod), "IOMixin.mime_type is no longer a classmethod")
+    _expect(_positional(original.__func__) == ["cls"], "IOMixin.mime_type takes more than the class")
+    return IORootModel
+
+
+def _api_method() -> Any:
+    from _bentoml_sdk.method import APIMethod
+
+    _expect(len(_positional(APIMethod._local_call)) == 2, "APIMethod._local_call(self, instance) changed")
+    _expect(
+        "_local_call" in APIMethod.__get__.__code__.co_names, "APIMethod.__get__ no longer calls _local_call"
+    )
+    return APIMethod
+
+
+def _tracing_sample_rate() -> float | None:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    rate = BentoMLContainer.config.tracing.sample_rate.get()
+    _expect(rate is None or isinstance(rate, (int, float)), f"tracing.sample_rate is {rate!r}")
+    return rate
+
+
+def _logging_configs() -> dict[str, dict[str, Any]]:
+    """BentoML's logging configs by the name of the formatter their handlers use."""
+    from bentoml._internal.log import CLI_LOGGING_CONFIG, SERVER_LOGGING_CONFIG
+
+    configs = {"traced": SERVER_LOGGING_CONFIG, "simple": CLI_LOGGING_CONFIG}
+    for formatter, config in configs.items():
+        handlers = config["handlers"].values()
+        _expect(formatter in config["formatters"], f"no formatter {formatter!r}")
+        _expect(any(h.get("formatter") == formatter for h in handlers), f"no handler uses {formatter!r}")
+    return configs
+
+
+def _worker_command_line() -> None:
+    command = importlib.import_module(WORKER_MODULE).main
+    options = {opt for param in command.params for opt in param.opts}
+    _expect("--service-name" in options, f"{WORKER_MODULE} has no --service-name option")
+
+
+ASSUMPTIONS: dict[str, Callable[[], Any]] = {
+    "IORootModel.mime_type": _io_root_model,
+    "APIMethod._local_call": _api_method,
+    "tracing.sample_rate": _tracing_sample_rate,
+    "logging configs": _logging_configs,
+    "worker command line": _worker_command_line,
+}
+
+
+# ---------------------------------------------------------------------------------------- the uses
+
+
 def apply() -> None:
-    """Idempotent; a BentoML without these internals is left as it is."""
+    """The two per-request patches (``IORootModel.mime_type``, ``APIMethod._local_call``);
+    idempotent. Call only after ``check()`` returned True."""
     global _applied
     if _applied:
         return
     _applied = True
-    try:
-        from _bentoml_sdk.io_models import IORootModel
-    except ImportError:  # pragma: no cover - another BentoML layout
-        logger.debug("bentoml_compat: no _bentoml_sdk.io_models.IORootModel; nothing patched")
-        return
-    compute = IORootModel.mime_type.__func__  # the classmethod's function (defined on IOMixin)
+    _cache_mime_types(_io_root_model())
+    _cache_local_callers(_api_method())
+
+
+def _cache_mime_types(root_model: Any) -> None:
+    compute = root_model.mime_type.__func__  # the classmethod's function (defined on IOMixin)
     cache: dict[type, str] = {}
 
     def mime_type(cls: Any) -> str:
@@ -42,17 +189,11 @@ def apply() -> None:
             value = cache[cls] = compute(cls)
             return value
 
-    IORootModel.mime_type = classmethod(mime_type)  # type: ignore[method-assign,assignment]
-    _cache_local_callers()
+    root_model.mime_type = classmethod(mime_type)
 
 
-def _cache_local_callers() -> None:
-    try:
-        from _bentoml_sdk.method import APIMethod
-    except ImportError:  # pragma: no cover - another BentoML layout
-        logger.debug("bentoml_compat: no _bentoml_sdk.method.APIMethod; nothing patched")
-        return
-    build = APIMethod._local_call
+def _cache_local_callers(api_method: Any) -> None:
+    build = api_method._local_call
     built: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
 
     def local_call(method: Any, instance: Any) -> Any:
@@ -66,7 +207,7 @@ def _cache_local_callers() -> None:
             caller = callers[id(method)] = build(method, instance)
         return caller
 
-    APIMethod._local_call = local_call  # type: ignore[method-assign]
+    api_method._local_call = local_call
 
 
 def untraced(paths: list[str]) -> dict[str, Any]:
@@ -76,12 +217,17 @@ def untraced(paths: list[str]) -> dict[str, Any]:
     about a fifth of the public worker's CPU on ml-100k (py-spy). With a sample rate set in the
     BentoML configuration every path is traced as before. Skipped paths carry no
     ``X-BentoML-Request-ID`` header (it is the span's id)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    if BentoMLContainer.config.tracing.sample_rate.get():
+    if _tracing_sample_rate():
         return {}
     # OpenTelemetry's ExcludeList: regular expressions searched in the whole URL.
     return {"excluded_urls": [rf"^[^?]*{re.escape(p)}(\?|$)" for p in paths]}
+
+
+def use_log_formatter(factory: Callable[[], logging.Formatter]) -> None:
+    """Make BentoML's server and CLI logging configs format with *factory*, for the
+    configurations applied after this process imported the service (the arbiter's circus)."""
+    for formatter, config in _logging_configs().items():
+        config["formatters"][formatter] = {"()": factory}
 
 
 def freeze_startup_objects() -> None:

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from . import bentoml_compat
+
 logger = logging.getLogger("recbole_bento")
 
-_WORKER_MODULE = "_bentoml_impl.worker.service"
+_WORKER_MODULE = bentoml_compat.WORKER_MODULE  # checked at start-up
 
 
 def install(service_name: str, grace_s: int, *, outlive_callers: bool) -> bool:

@@ -164,26 +164,24 @@ class JsonFormatter(logging.Formatter):
 
 
 def _trace_ids() -> dict[str, str]:
-    try:
-        from bentoml._internal.context import trace_context
-    except ImportError:  # pragma: no cover - BentoML moved it
+    """The current span's ids, from OpenTelemetry (the ids BentoML's own log lines show)."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    if not context.trace_id:
         return {}
-    trace_id = trace_context.trace_id
-    if not trace_id:
-        return {}
-    return {"trace_id": format(trace_id, "032x"), "span_id": format(trace_context.span_id or 0, "016x")}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
 
 
-def use_json_logs() -> None:
-    """Switch this process's log handlers to JSON, and BentoML's server logging config with them
-    (a worker configures logging before it imports the service, the CLI may reconfigure it after)."""
+def use_json_logs(bentoml_configs: bool) -> None:
+    """Switch this process's log handlers to JSON, and, with *bentoml_configs*, BentoML's server
+    logging config with them (a worker configures logging before it imports the service, the
+    ``bentoml serve`` process after: ``bentoml_compat.use_log_formatter``)."""
     formatter = JsonFormatter()
     for name in (None, "bentoml", "bentoml.access", "uvicorn.error", "circus", "recbole_bento"):
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(formatter)
-    try:
-        from bentoml._internal.log import CLI_LOGGING_CONFIG, SERVER_LOGGING_CONFIG
-    except ImportError:  # pragma: no cover - BentoML moved it
-        return
-    SERVER_LOGGING_CONFIG["formatters"]["traced"] = {"()": JsonFormatter}
-    CLI_LOGGING_CONFIG["formatters"]["simple"] = {"()": JsonFormatter}
+    if bentoml_configs:
+        from .bentoml_compat import use_log_formatter
+
+        use_log_formatter(JsonFormatter)

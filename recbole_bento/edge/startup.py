@@ -3,14 +3,17 @@
 ``service.py`` calls ``start()`` once at import; each BentoML process (the arbiter, then every
 worker) imports it, so each runs these steps, in this order:
 
-1. logging: the project's logger at INFO, JSON lines when ``RECBOLE_BENTO_JSON_LOGS=1``, refused
+1. BentoML itself: the installed version and every private internal the project touches are
+   checked (``bentoml_compat.check``): a BentoML that differs stops the server with one line,
+   unless ``RECBOLE_BENTO_ALLOW_UNTESTED_BENTOML=1``, which serves without touching them;
+2. logging: the project's logger at INFO, JSON lines when ``RECBOLE_BENTO_JSON_LOGS=1``, refused
    requests as one WARNING line instead of BentoML's ERROR traceback;
-2. the stored model: ``RECBOLE_BENTO_MODEL`` (unset: the newest import) resolved in the model
+3. the stored model: ``RECBOLE_BENTO_MODEL`` (unset: the newest import) resolved in the model
    store, and every stored file checked against its sha256 (an altered model stops the server
    before any worker starts; the services then load with ``verified=True``);
-3. the device: ``RECBOLE_BENTO_DEVICE`` checked (a bad value stops the server with the reason
+4. the device: ``RECBOLE_BENTO_DEVICE`` checked (a bad value stops the server with the reason
    instead of restarting a failing worker);
-4. BentoML's per-request costs that change no answer removed (``bentoml_compat.apply``), and the
+5. BentoML's per-request costs that change no answer removed (``bentoml_compat.apply``), and the
    tracing config that spares the API paths OpenTelemetry spans when tracing is off.
 """
 
@@ -40,13 +43,16 @@ class Started:
 
 
 def start(settings: Settings, traced_paths: list[str]) -> Started:
+    compatible = bentoml_compat.check(allow_untested=bool(settings.allow_untested_bentoml))
     warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
     logger.setLevel(logging.INFO)  # "loaded <tag> on <device>"; BentoML's root logger passes warnings only
     if settings.json_logs:
-        observability.use_json_logs()
+        observability.use_json_logs(bentoml_configs=compatible)
     guard.quiet_client_errors()
     model = store.resolve(settings.model)
     store.verify(model)
     device = str(pick_device(settings.device))
+    if not compatible:
+        return Started(model, str(model.tag), device, tracing={})
     bentoml_compat.apply()
     return Started(model, str(model.tag), device, bentoml_compat.untraced(traced_paths))

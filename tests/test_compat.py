@@ -1,0 +1,197 @@
+"""What the serving edge assumes about BentoML, checked against the BentoML installed: each test
+fails when BentoML moves or reshapes what edge/bentoml_compat.py (or the edge's public-API
+replacements for former internals) relies on, and the start-up check itself is tested."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+import re
+import subprocess
+import sys
+
+import bentoml
+import pytest
+from conftest import ROOT
+from starlette.requests import Request
+
+from recbole_bento.edge import bentoml_compat, guard, observability
+
+# ------------------------------------------------------------------ the start-up check
+
+
+def test_installed_bentoml_meets_every_assumption() -> None:
+    assert bentoml_compat.problems() == []
+    assert bentoml_compat.check(allow_untested=False) is True
+
+
+def test_tested_range_is_the_pyproject_pin() -> None:
+    assert f'"bentoml{bentoml_compat.TESTED_BENTOML}"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_an_untested_version_stops_the_server_in_one_line(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(bentoml, "__version__", "1.5.0")
+    with pytest.raises(SystemExit) as stopped:
+        bentoml_compat.check(allow_untested=False)
+    message = str(stopped.value.code)
+    assert "\n" not in message
+    assert "BentoML 1.5.0 is outside >=1.4.30,<1.5" in message
+    assert "RECBOLE_BENTO_ALLOW_UNTESTED_BENTOML=1" in message
+    with caplog.at_level(logging.WARNING, logger="recbole_bento"):
+        assert bentoml_compat.check(allow_untested=True) is False
+    assert "BentoML 1.5.0 is outside" in caplog.text
+
+
+def _mime_type_takes_an_argument(monkeypatch) -> None:
+    from _bentoml_sdk.io_models import IOMixin
+
+    monkeypatch.setattr(IOMixin, "mime_type", classmethod(lambda cls, request: "application/json"))
+
+
+def _local_call_renamed(monkeypatch) -> None:
+    from _bentoml_sdk.method import APIMethod
+
+    monkeypatch.delattr(APIMethod, "_local_call")
+
+
+def _server_log_formatter_renamed(monkeypatch) -> None:
+    from bentoml._internal.log import SERVER_LOGGING_CONFIG
+
+    monkeypatch.delitem(SERVER_LOGGING_CONFIG["formatters"], "traced")
+
+
+def _worker_module_moved(monkeypatch) -> None:
+    monkeypatch.setattr(bentoml_compat, "WORKER_MODULE", "_bentoml_impl.worker.moved")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (_mime_type_takes_an_argument, "IORootModel.mime_type"),
+        (_local_call_renamed, "APIMethod._local_call"),
+        (_server_log_formatter_renamed, "logging configs"),
+        (_worker_module_moved, "worker command line"),
+    ],
+)
+def test_each_assumption_notices_its_change(monkeypatch, change, named) -> None:
+    change(monkeypatch)
+    found = bentoml_compat.problems()
+    assert [p.split(":")[0] for p in found] == [named], found
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        bentoml_compat.check(allow_untested=False)
+
+
+def test_bentoml_serve_exits_in_one_line_on_an_untested_bentoml(tmp_path) -> None:
+    """The real `bentoml serve` stops before any worker starts: status 1, one line, no traceback."""
+    (tmp_path / "sitecustomize.py").write_text('import bentoml\nbentoml.__version__ = "1.5.0"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", "1"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "recbole-bento needs bentoml>=1.4.30,<1.5: BentoML 1.5.0 is outside >=1.4.30,<1.5. Install "
+        "bentoml>=1.4.30,<1.5, or set RECBOLE_BENTO_ALLOW_UNTESTED_BENTOML=1 to serve without the "
+        "BentoML patches (slower, untested)"
+    ]
+
+
+# ------------------------------------------------------------------ the patches keep every answer
+
+
+def test_mime_type_cache_keeps_every_answer() -> None:
+    from _bentoml_sdk.io_models import IOMixin, IORootModel, ensure_io_descriptor
+
+    from recbole_bento.core.ranking import RankResult
+
+    kinds = [list[RankResult], str, bytes, dict[str, int]]
+    before = [ensure_io_descriptor(kind).mime_type() for kind in kinds]
+    bentoml_compat.apply()
+    bentoml_compat.apply()  # idempotent
+    assert [ensure_io_descriptor(kind).mime_type() for kind in kinds] == before
+    # the patch is in place: IORootModel no longer inherits IOMixin's per-call schema build
+    assert IORootModel.mime_type.__func__ is not IOMixin.mime_type.__func__
+
+
+def test_api_method_wrappers_are_built_once_per_instance() -> None:
+    bentoml_compat.apply()
+
+    @bentoml.service
+    class Echo:
+        @bentoml.api
+        def echo(self, text: str = "hi") -> str:
+            return text
+
+    first, second = Echo(), Echo()
+    assert first.echo.local is first.echo.local  # BentoML alone builds a new one per lookup
+    assert first.echo.local is not second.echo.local
+    assert first.echo() == "hi" and second.echo(text="x") == "x"
+
+
+# ------------------------------------------------------------------ public APIs that replaced internals
+
+
+def test_refused_requests_reach_the_bentoml_loggers_handlers() -> None:
+    """BentoML logs a refused request (its endpoint's ``log_exception``) on a logger under
+    ``bentoml``, with the exception and (path, method): the handler filter turns it into one line."""
+    from bentoml._internal.server.http_app import log_exception
+    from pydantic import BaseModel, ValidationError
+
+    class Body(BaseModel):
+        topk: int
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    parent = logging.getLogger("bentoml")
+    parent.addHandler(handler)
+    try:
+        guard.quiet_client_errors()
+        scope = {"type": "http", "method": "POST", "path": "/recommend", "headers": [], "query_string": b""}
+        try:
+            Body.model_validate({"topk": "x"})
+        except ValidationError:
+            log_exception(Request(scope))
+    finally:
+        parent.removeHandler(handler)
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in records] == [
+        (
+            "WARNING",
+            "refused POST /recommend: topk: Input should be a valid integer, "
+            "unable to parse string as an integer",
+            None,
+        )
+    ]
+
+
+def test_log_lines_carry_the_trace_ids_bentoml_shows() -> None:
+    """Trace ids from OpenTelemetry's public API are the ones BentoML's own log lines show."""
+    from bentoml._internal.context import trace_context
+    from opentelemetry.sdk.trace import TracerProvider
+
+    assert observability._trace_ids() == {}  # no span, no ids
+    with TracerProvider().get_tracer("test").start_as_current_span("request"):
+        ids = observability._trace_ids()
+        assert ids == {
+            "trace_id": format(trace_context.trace_id, "032x"),
+            "span_id": format(trace_context.span_id, "016x"),
+        }
+    assert int(ids["trace_id"], 16) and int(ids["span_id"], 16)
+
+
+def test_json_logs_reach_the_configs_bentoml_applies_later(monkeypatch) -> None:
+    """The ``bentoml serve`` process configures logging from BentoML's configs after importing the
+    service: with JSON logs on, the formatter those configs build is the JSON one."""
+    from bentoml._internal.log import CLI_LOGGING_CONFIG, SERVER_LOGGING_CONFIG
+
+    for config in (SERVER_LOGGING_CONFIG, CLI_LOGGING_CONFIG):
+        monkeypatch.setitem(config, "formatters", dict(config["formatters"]))
+    bentoml_compat.use_log_formatter(observability.JsonFormatter)
+    for config, name in ((SERVER_LOGGING_CONFIG, "traced"), (CLI_LOGGING_CONFIG, "simple")):
+        built = logging.config.DictConfigurator(config).configure_formatter(config["formatters"][name])
+        assert isinstance(built, observability.JsonFormatter), name
