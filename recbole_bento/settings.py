@@ -16,9 +16,12 @@ class Settings:
     max_id_length: int = 256  # characters in one item/user id
     max_batch_size: int = 64  # adaptive batching: sequences per model call
     max_latency_ms: int = 10_000  # adaptive batching: a request waits at most this long in total
-    torch_threads: int = 0  # intra-op threads of the model worker; 0 = torch's default
-    ranker_workers: int = 1  # model worker processes (each loads the model, batches on its own)
-    api_workers: int = 1  # public service processes (HTTP, validation, id mapping; no model)
+    # Where the model runs and how many processes: edge/topology.py picks each 0 / unset from the
+    # device, the catalogue size and the cores (docs/configuration.md).
+    topology: str | None = None  # "split" | "inprocess"; unset = auto
+    torch_threads: int = 0  # intra-op threads per process that holds the model; 0 = auto
+    ranker_workers: int = 0  # split: model worker processes (each loads the model); 0 = auto
+    api_workers: int = 0  # public service processes (in-process: each also holds the model); 0 = auto
     block_items: int = 8192  # exact block top-k over large catalogues (CPU); 0 = always full matrix
     # Traffic limits of the public service (docs/configuration.md); 0 turns a limit off.
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies -> 413, never read into memory
@@ -28,6 +31,8 @@ class Settings:
     retry_after_s: int = 1  # the Retry-After a 429 carries
     request_timeout_s: int = 30  # a request not answered in this time -> 504
     shutdown_grace_s: int = 40  # after SIGTERM: finish accepted requests, exit within this time
+    drain_s: int = 2  # after SIGTERM: keep answering, with readyz 503 and Connection: close, this long
+    access_log: int = 0  # 1 = BentoML's access log (one INFO line per request) on both services
     json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)
     allow_untested_bentoml: int = 0  # 1 = serve on a BentoML the edge was not written for (no patches)
 

@@ -60,3 +60,7 @@ class ModelInfo(BaseModel):
     device: str
     metrics: dict[str, float | str | None]
     limits: dict[str, int]
+
+
+class RecommendBatchResponse(BaseModel):
+    results: list[RecommendResponse] = Field(description="one answer per request, in order")

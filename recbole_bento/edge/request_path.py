@@ -1,0 +1,201 @@
+"""The public service's request path, free of BentoML's service machinery so that it can be tested
+in process: plan each request (``core.planner``), rank the rankable ones through a ``ModelPort``,
+answer the rest from popularity, decode.
+
+Two ports, one per topology (``edge/topology.py``):
+
+* ``LocalModel``: the engine in this process, behind this process's batcher. The model runs on the
+  event loop itself: each process already has its own cores' worth of torch threads, so a thread
+  hand-off would only add its cost.
+* ``RemoteModel``: the ``Ranker`` service. Its worker can die (OOM killer, ``kill -9``) and BentoML's
+  arbiter then starts another, which takes seconds to load the model; meanwhile calls hang on the
+  listening socket the arbiter keeps. So the first failed call marks the model unavailable: from
+  then on requests are refused at once with 503 + ``Retry-After`` (and ``/readyz`` says 503) while
+  a background probe waits for the new worker; one log line when it goes, one when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from starlette.responses import Response
+
+from ..core.planner import Planner
+from ..core.ranking import RankQuery, RankResult
+from . import observability
+from .batcher import Batcher, Overloaded
+from .schemas import RecommendRequest, RecommendResponse
+
+logger = logging.getLogger("recbole_bento")
+
+
+class ModelUnavailable(Exception):
+    """No model can rank right now; the message says why and when to retry (HTTP 503)."""
+
+
+class ModelPort(Protocol):
+    async def rank(self, queries: list[RankQuery]) -> Sequence[RankResult]: ...
+
+    async def device(self) -> str: ...
+
+    async def ready(self) -> bool: ...
+
+
+class LocalModel:
+    """The engine in this process, batched by this process's ``Batcher``."""
+
+    def __init__(self, rank_many: Callable[[Sequence[RankQuery]], list[RankResult]], device: str) -> None:
+        self._rank_many = rank_many
+        self._device = device
+
+    async def rank(self, queries: list[RankQuery]) -> Sequence[RankResult]:
+        return self._rank_many(queries)
+
+    async def device(self) -> str:
+        return self._device
+
+    async def ready(self) -> bool:
+        return True
+
+
+class RemoteModel:
+    """The Ranker service through its ``bentoml.depends`` proxy, with its up/down state."""
+
+    PROBE_INTERVAL_S = 0.2
+
+    def __init__(
+        self,
+        rank: Callable[[list[RankQuery]], Awaitable[list[RankResult]]],
+        device: Callable[[], Awaitable[str]],
+        is_ready: Callable[[float], Awaitable[bool]],
+        retry_after_s: int,
+        transport_errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self._rank = rank
+        self._device = device
+        self._is_ready = is_ready
+        self.retry_after_s = retry_after_s
+        self._transport_errors = transport_errors
+        self.down_since: float | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    def _unavailable(self) -> ModelUnavailable:
+        return ModelUnavailable(f"the model worker is restarting: retry after {self.retry_after_s} s")
+
+    async def rank(self, queries: list[RankQuery]) -> Sequence[RankResult]:
+        if self.down_since is not None:
+            raise self._unavailable()
+        try:
+            return await self._rank(queries)
+        except self._transport_errors as exc:
+            self._went_down(exc)
+            raise self._unavailable() from None
+
+    async def device(self) -> str:
+        if self.down_since is not None:
+            raise self._unavailable()
+        try:
+            return await self._device()
+        except self._transport_errors as exc:
+            self._went_down(exc)
+            raise self._unavailable() from None
+
+    async def ready(self) -> bool:
+        if self.down_since is not None:
+            return False
+        if await self._reachable(1.0):
+            return True
+        self._went_down(TimeoutError("its /readyz did not answer 200 within 1 s"))
+        return False
+
+    async def _reachable(self, timeout_s: float) -> bool:
+        try:
+            return await asyncio.wait_for(self._is_ready(timeout_s), timeout_s)
+        except (*self._transport_errors, asyncio.TimeoutError):
+            return False
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        logger.warning(
+            "the model worker is unreachable (%s): answering 503 until it is back",
+            str(exc).strip() or type(exc).__name__,
+        )
+        self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
+
+    async def _wait_until_back(self) -> None:
+        while not await self._reachable(1.0):
+            await asyncio.sleep(self.PROBE_INTERVAL_S)
+        assert self.down_since is not None
+        logger.warning("the model worker is back after %.1f s: serving", time.monotonic() - self.down_since)
+        self.down_since = None
+
+
+class RequestPath:
+    """Plan, rank (batched), fall back, decode: everything between the API and the model."""
+
+    def __init__(
+        self,
+        planner: Planner,
+        model: ModelPort,
+        *,
+        model_tag: str,
+        max_batch: int,
+        max_wait_s: float,
+        concurrency: int,
+        retry_after_s: int,
+    ) -> None:
+        self.planner = planner
+        self.model = model
+        self.model_tag = model_tag
+        self.retry_after_s = retry_after_s
+        self._batched = Batcher(
+            model.rank, max_batch=max_batch, max_wait_s=max_wait_s, concurrency=concurrency
+        )
+
+    async def answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
+        """The responses, in order; RequestError, ModelUnavailable or Overloaded otherwise."""
+        plans = [self.planner.plan(r) for r in requests]  # RequestError before anything is batched
+        to_rank = [p.query for p in plans if p.rankable]
+        if len(to_rank) == 1:
+            ranked = iter([await self._batched(to_rank[0])])
+        else:
+            ranked = iter(await self.model.rank(to_rank) if to_rank else [])
+        out = []
+        for req, plan in zip(requests, plans, strict=True):
+            result = next(ranked) if plan.rankable else self.planner.popular(plan)
+            # built from our own values: nothing to validate
+            out.append(RecommendResponse.model_construct(**self.planner.answer(plan, result)))
+            observability.answered(self.model_tag, len(req.sequence), len(plan.unknown), plan.fallback)
+        return out
+
+    async def respond(self, requests: list[RecommendRequest], *, batch: bool) -> Response:
+        """One HTTP response: 200 with the answer (``{"results": [...]}`` for a *batch*), or the 503
+        a refusal gets. RequestError propagates: the service refuses it as BentoML does (400)."""
+        try:
+            answers = await self.answer(requests)
+        except ModelUnavailable as exc:
+            return error_response(503, str(exc), retry_after_s=self.retry_after_s)
+        except Overloaded:
+            error = f"the model is overloaded: retry after {self.retry_after_s} s"
+            return error_response(503, error, retry_after_s=self.retry_after_s)
+        # One body with a Content-Length: BentoML would send a returned model chunked, one more ASGI
+        # message through every middleware. Same JSON.
+        if batch:
+            body = '{"results":[' + ",".join(a.model_dump_json() for a in answers) + "]}"
+        else:
+            body = answers[0].model_dump_json()
+        return Response(body, media_type="application/json")
+
+
+def error_response(status: int, error: str, *, retry_after_s: int | None = None) -> Response:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
+    return Response(
+        json.dumps({"error": error}), status_code=status, media_type="application/json", headers=headers
+    )

@@ -1,0 +1,286 @@
+"""The public service's request path in process, with stub models: batching, planning, the
+popularity fallback, the answers to a dead or overloaded model, the topology rule and the drain
+header. No server: what needs one is in test_load_shutdown.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from recbole_bento.core.models import spec_for
+from recbole_bento.core.planner import Planner, RequestError
+from recbole_bento.core.ranking import RankQuery, RankResult
+from recbole_bento.edge import lifecycle, topology
+from recbole_bento.edge.batcher import Batcher, Overloaded
+from recbole_bento.edge.request_path import LocalModel, ModelUnavailable, RemoteModel, RequestPath
+from recbole_bento.edge.schemas import RecommendRequest
+from recbole_bento.settings import Settings
+
+ITEMS = ["[PAD]", "a", "b", "c", "d", "e"]
+POPULARITY = np.array([0, 5, 40, 30, 20, 10], dtype=np.float32)
+
+
+def planner(model: str = "SASRec") -> Planner:
+    artifact = SimpleNamespace(
+        spec=spec_for(model), item_tokens=ITEMS, user_tokens=["[PAD]", "u1"], popularity=POPULARITY
+    )
+    return Planner(artifact, max_topk=1000)  # type: ignore[arg-type]
+
+
+class StubModel:
+    """Ranks by internal id, descending; records each call's batch."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[RankQuery]] = []
+
+    def rank_many(self, queries: list[RankQuery]) -> list[RankResult]:
+        self.calls.append(list(queries))
+        out = []
+        for q in queries:
+            items = [i for i in range(len(ITEMS) - 1, 0, -1) if i not in q.exclude][: q.topk]
+            out.append(RankResult(items, [float(i) for i in items]))
+        return out
+
+
+def request(**fields: object) -> RecommendRequest:
+    return RecommendRequest(**{"sequence": ["a"], "topk": 3, **fields})
+
+
+def path_with(model, **kw) -> RequestPath:
+    options = {"max_batch": 64, "max_wait_s": 10.0, "concurrency": 1, "retry_after_s": 2} | kw
+    return RequestPath(planner(), model, model_tag="stub:1", **options)
+
+
+# ------------------------------------------------------------------ batcher
+
+
+def test_batcher_ranks_a_lone_call_at_once_and_batches_concurrent_ones():
+    stub = StubModel()
+
+    async def rank_many(queries):
+        await asyncio.sleep(0.01)  # a model call in flight: the next calls queue behind it
+        return stub.rank_many(queries)
+
+    async def scenario():
+        batched = Batcher(rank_many, max_batch=8, max_wait_s=10)
+        alone = await batched(RankQuery([1], 1))
+        many = await asyncio.gather(*(batched(RankQuery([1], k)) for k in range(1, 21)))
+        return alone, many
+
+    alone, many = asyncio.run(scenario())
+    assert alone.items == [5]
+    assert [len(r.items) for r in many] == [min(k, 5) for k in range(1, 21)]  # each its own answer
+    sizes = [len(c) for c in stub.calls]
+    assert sizes[0] == 1 and sum(sizes) == 21 and max(sizes) == 8 and len(sizes) <= 5, sizes
+
+
+def test_batcher_fails_every_call_of_a_failed_batch_and_times_out_waiters():
+    async def broken(queries):
+        raise ModelUnavailable("gone")
+
+    async def slow(queries):
+        await asyncio.sleep(0.2)
+        return [RankResult([], []) for _ in queries]
+
+    async def scenario():
+        batched = Batcher(broken, max_batch=8, max_wait_s=10)
+        failed = await asyncio.gather(*(batched(RankQuery([1], 1)) for _ in range(3)), return_exceptions=True)
+        late = Batcher(slow, max_batch=1, max_wait_s=0.05)
+        waited = await asyncio.gather(*(late(RankQuery([1], 1)) for _ in range(3)), return_exceptions=True)
+        return failed, waited
+
+    failed, waited = asyncio.run(scenario())
+    assert all(isinstance(e, ModelUnavailable) for e in failed), failed
+    assert isinstance(waited[0], RankResult)  # taken at once; the others waited 0.2 s > 0.05 s
+    assert [type(e) for e in waited[1:]] == [Overloaded, Overloaded]
+
+
+# ------------------------------------------------------------------ planning and fallback
+
+
+def test_request_path_answers_in_external_ids_with_masks_and_fallback():
+    stub = StubModel()
+    path = path_with(LocalModel(stub.rank_many, "cpu"))
+    reqs = [
+        request(sequence=["a", "zz"], topk=2, exclude=["e"]),
+        request(sequence=["unknown"], topk=3, exclude=["b"]),
+        request(sequence=["c"], topk=1),
+    ]
+    answers = asyncio.run(path.answer(reqs))
+    assert answers[0].item_list == ["d", "c"] and answers[0].unknown_items == ["zz"]
+    assert answers[0].fallback is None
+    # no known history item: popularity, masked like the model's answers
+    assert answers[1].item_list == ["c", "d", "e"] and answers[1].fallback == "popular"
+    assert answers[1].score_list == [30.0, 20.0, 10.0]
+    assert answers[2].item_list == ["e"]
+    assert [len(c) for c in stub.calls] == [2]  # a batch body is one model call, fallbacks left out
+
+
+def test_request_path_refuses_what_the_model_cannot_do_before_batching():
+    stub = StubModel()
+    path = RequestPath(planner("Caser"), LocalModel(stub.rank_many, "cpu"), model_tag="t", max_batch=8,
+                       max_wait_s=1, concurrency=1, retry_after_s=1)  # fmt: skip
+    with pytest.raises(RequestError, match="needs a user_id"):
+        asyncio.run(path.answer([request(user_id="u1"), request()]))
+    with pytest.raises(RequestError, match="topk must be between 1 and 5"):
+        asyncio.run(path_with(LocalModel(stub.rank_many, "cpu")).answer([request(topk=6)]))
+    assert stub.calls == []
+
+
+def test_respond_bodies_single_and_batch():
+    path = path_with(LocalModel(StubModel().rank_many, "cpu"))
+
+    async def scenario():
+        one = await path.respond([request(topk=1)], batch=False)
+        many = await path.respond([request(topk=1), request(sequence=[], topk=1)], batch=True)
+        return one, many
+
+    one, many = asyncio.run(scenario())  # one event loop, as in a worker
+    assert one.status_code == 200 and json.loads(one.body) == {
+        "item_list": ["e"],
+        "score_list": [5.0],
+        "unknown_items": [],
+        "fallback": None,
+    }
+    results = json.loads(many.body)["results"]
+    assert [r["item_list"] for r in results] == [["e"], ["b"]] and results[1]["fallback"] == "popular"
+
+
+# ------------------------------------------------------------------ a dead model worker
+
+
+class DeadRanker:
+    """A Ranker proxy whose worker was killed: calls fail as aiohttp's do, readyz does not answer."""
+
+    def __init__(self) -> None:
+        self.alive = False
+        self.calls = 0
+
+    async def rank(self, queries):
+        self.calls += 1
+        if not self.alive:
+            raise ConnectionResetError("Server disconnected")
+        return StubModel().rank_many(queries)
+
+    async def device(self):
+        return "cpu"
+
+    async def is_ready(self, timeout):
+        if not self.alive:
+            await asyncio.sleep(timeout + 1)  # the arbiter's socket: connects, never answers
+        return True
+
+
+def test_dead_model_worker_gives_503_with_retry_after_one_log_line_each_way(caplog):
+    ranker = DeadRanker()
+    remote = RemoteModel(ranker.rank, ranker.device, ranker.is_ready, retry_after_s=2,
+                         transport_errors=(OSError,))  # fmt: skip
+    remote.PROBE_INTERVAL_S = 0.01
+    path = path_with(remote)
+
+    async def scenario():
+        refused = [await path.respond([request()], batch=False) for _ in range(20)]
+        ready_while_down = await remote.ready()
+        calls_while_down = ranker.calls
+        ranker.alive = True
+        for _ in range(300):
+            if remote.down_since is None:
+                break
+            await asyncio.sleep(0.01)
+        back = await path.respond([request(topk=1)], batch=False)
+        return refused, ready_while_down, calls_while_down, back
+
+    with caplog.at_level(logging.INFO, logger="recbole_bento"):
+        refused, ready_while_down, calls_while_down, back = asyncio.run(scenario())
+    assert {r.status_code for r in refused} == {503}
+    assert {r.headers["retry-after"] for r in refused} == {"2"}
+    assert json.loads(refused[0].body) == {"error": "the model worker is restarting: retry after 2 s"}
+    assert calls_while_down == 1  # the first failure marks it down: no call hangs on it after
+    assert ready_while_down is False
+    assert back.status_code == 200 and json.loads(back.body)["item_list"] == ["e"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "unreachable" in lines[0] and "is back after" in lines[1]
+
+
+def test_unresponsive_model_worker_fails_readiness_within_a_second():
+    ranker = DeadRanker()
+    remote = RemoteModel(ranker.rank, ranker.device, ranker.is_ready, retry_after_s=1,
+                         transport_errors=(OSError,))  # fmt: skip
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        ready = await remote.ready()
+        took = loop.time() - start
+        remote._probe.cancel()
+        return ready, took
+
+    ready, took = asyncio.run(scenario())
+    assert ready is False and took < 1.5
+    assert remote.down_since is not None
+
+
+# ------------------------------------------------------------------ topology
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "items", "cores", "expected"),
+    [
+        ({}, "cpu", 1_682, 2, ("inprocess", 2, 0, 1)),
+        ({}, "cpu", 1_000_000, 2, ("split", 2, 2, 1)),
+        ({}, "cpu", 1_000_000, 16, ("split", 2, 2, 8)),
+        ({}, "cuda", 1_682, 8, ("split", 2, 1, 8)),
+        ({}, "cpu", 1_682, 8, ("inprocess", 8, 0, 1)),
+        ({"TOPOLOGY": "split", "API_WORKERS": "1"}, "cpu", 10, 2, ("split", 1, 2, 1)),
+        ({"TOPOLOGY": "inprocess", "TORCH_THREADS": "2"}, "cuda", 10**6, 2, ("inprocess", 2, 0, 2)),
+    ],
+)
+def test_topology_default_follows_device_and_catalogue(env, device, items, cores, expected):
+    settings = Settings.from_env({f"RECBOLE_BENTO_{k}": v for k, v in env.items()})
+    layout = topology.choose(settings, device, items, cores)
+    assert (layout.topology, layout.api_workers, layout.ranker_workers, layout.torch_threads) == expected
+    holders = layout.ranker_workers if layout.split else layout.api_workers
+    if not env:  # the defaults never put more torch threads than cores
+        assert holders * layout.torch_threads <= cores
+
+
+def test_topology_refuses_an_unknown_value():
+    with pytest.raises(ValueError, match="RECBOLE_BENTO_TOPOLOGY='both': use auto, split or inprocess"):
+        topology.choose(Settings(topology="both"), "cpu", 10, 2)
+
+
+# ------------------------------------------------------------------ drain
+
+
+def test_drain_middleware_closes_connections_only_once_draining(monkeypatch):
+    async def app(scope, receive, send):
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"connection", b"keep-alive")]}
+        )
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def heads():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(lifecycle.DrainMiddleware(app)({"type": "http"}, None, send))
+        return sent[0]["headers"]
+
+    assert heads() == [(b"connection", b"keep-alive")]
+    monkeypatch.setattr(lifecycle, "_draining", type("Set", (), {"is_set": staticmethod(lambda: True)})())
+    assert heads() == [(b"connection", b"close")]
+    assert lifecycle.draining()
+
+
+def test_lifecycle_install_says_when_it_cannot_wrap(caplog):
+    with caplog.at_level(logging.WARNING, logger="recbole_bento"):
+        assert lifecycle.install("svc", 5, outlive_callers=False) is False
+    assert "svc: graceful stop not installed" in caplog.text and "not uvicorn's" in caplog.text
