@@ -408,6 +408,8 @@ def test_kubernetes_manifests(overlay):
     # Kubernetes' SIGKILL comes after the preStop pause plus the service's own drain, not before.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
+    assert int(pre_stop[1]) > container["readinessProbe"]["periodSeconds"]  # out of rotation first
+    assert settings.drain_s < settings.shutdown_grace_s
     drain = int(pre_stop[1]) + settings.shutdown_grace_s
     assert settings.shutdown_grace_s > 0
     assert drain < pod["spec"]["terminationGracePeriodSeconds"] <= drain + 15

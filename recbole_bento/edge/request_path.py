@@ -108,9 +108,11 @@ class RemoteModel:
     async def ready(self) -> bool:
         if self.down_since is not None:
             return False
-        if await self._reachable(1.0):
+        # Half a second: the Ranker answers /readyz from its event loop while the model runs in a
+        # thread, and a dead worker's calls hang on the arbiter's socket rather than fail.
+        if await self._reachable(0.5):
             return True
-        self._went_down(TimeoutError("its /readyz did not answer 200 within 1 s"))
+        self._went_down(TimeoutError("its /readyz did not answer 200 within 0.5 s"))
         return False
 
     async def _reachable(self, timeout_s: float) -> bool:
