@@ -21,7 +21,8 @@ has no graceful-timeout option; circus waits a day before SIGKILL).
 The coupling to BentoML's and uvicorn's internals, in one list: uvicorn's handler is recognised by
 its owner's module (``uvicorn.*``) and called as ``handler(sig, frame)``; sibling workers of the
 same ``bentoml serve`` are recognised by the module and ``--service-name`` flag on their command
-line (``_WORKER_MODULE``). ``install`` logs a warning when it finds no handler to wrap.
+line (``bentoml_compat.WORKER_MODULE``, checked at start-up). ``install`` logs a warning when it
+finds no handler to wrap.
 """
 
 from __future__ import annotations
