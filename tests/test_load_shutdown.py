@@ -112,8 +112,14 @@ class Server:
         return time.monotonic() - start
 
     def kill(self) -> None:
+        # the workers the arbiter started after a kill are not in self.tree: take every child now
+        with contextlib.suppress(psutil.Error):
+            self.tree += psutil.Process(self.proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for proc in self.tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
         self.proc.wait()
 
 
