@@ -173,3 +173,23 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     }
+
+
+def batch_rows(item_tokens: list[str], n: int, seed: int = 0) -> list[dict]:
+    """*n* rows for the batch scorers: histories of known ids (as strings or integers, as clients
+    send them), some with unknown ids, every tenth with unknown ids only (the popularity fallback),
+    and three passthrough columns of different types."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        seq: list = rng.sample(item_tokens, rng.randint(1, 30))
+        if i % 10 == 0:
+            seq = [f"nope-{i}", "nope"]
+        elif i % 10 == 1:
+            seq.insert(rng.randrange(len(seq)), f"nope-{i}")
+        if i % 3 == 0:
+            seq = [int(x) if x.isdigit() else x for x in seq]
+        rows.append({"row": i, "name": f"user {i}", "sequence": seq, "weight": i / 7})
+    return rows

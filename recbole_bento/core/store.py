@@ -29,13 +29,35 @@ def resolve(tag: str | None) -> bentoml.Model:
             model = bentoml.models.get(tag)
         except NotFound:
             raise ArtifactError(f"no model {tag!r} in the BentoML model store") from None
-        if model.info.metadata.get("format") != FORMAT:
-            raise ArtifactError(f"model {model.tag} was not imported by recbole-bento")
-        return model
+        except ValueError as exc:  # not a tag at all (BentoML's message says why)
+            raise ArtifactError(str(exc)) from None
+        return _ours(model)
     ours = [m for m in bentoml.models.list() if m.info.metadata.get("format") == FORMAT]
     if not ours:
         raise ArtifactError("no recbole-bento model in the BentoML model store: run import_model.py first")
     return max(ours, key=lambda m: m.info.creation_time)
+
+
+def _ours(model: bentoml.Model) -> bentoml.Model:
+    if model.info.metadata.get("format") != FORMAT:
+        raise ArtifactError(f"model {model.tag} was not imported by recbole-bento")
+    return model
+
+
+def import_archive(path: Path, home: Path) -> bentoml.Model:
+    """A model file written by `bentoml models export`, imported into a private model store at *home*:
+    the batch scorer and Spark executors load a shipped file without touching the user's store."""
+    # ModelStore is BentoML-internal; import_model's own ``_model_store`` argument takes it.
+    from bentoml._internal.models.model import ModelStore
+
+    if not Path(path).is_file():
+        raise ArtifactError(f"{path}: no such model file")
+    try:
+        model = bentoml.models.import_model(str(path), _model_store=ModelStore(str(home)))
+    except Exception as exc:  # BentoML raises several kinds for a file that is not an export
+        reason = " ".join(str(exc).split())
+        raise ArtifactError(f"{path}: not a model written by `bentoml models export` ({reason})") from None
+    return _ours(model)
 
 
 def verify(model: bentoml.Model) -> None:

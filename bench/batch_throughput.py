@@ -1,0 +1,139 @@
+"""The batch scorer against the engine's in-process ceiling, on the same rows, in one process.
+
+    BENTOML_HOME=bench/.work/bentoml python bench/batch_throughput.py sasrec-ml-100k --rows 20000
+
+Writes ``--rows`` random full-window histories (item ids from the model's catalogue) to a JSON-lines
+file (and ``--format parquet``/``csv`` if asked), then alternately, ``--rounds`` times:
+  - ``engine``: ``Engine.rank`` over the rows' queries in batches of ``--batch`` (what
+    bench/ceiling.py's ``engine`` column times, here sustained over the whole input, not best-of);
+  - ``batch``: ``recbole_bento.batch.score_file`` on the file (read, validate, map, rank, decode,
+    write), with the model already loaded.
+Prints one JSON line per round and the best ratio batch/engine. ``--peak-rss`` instead runs the
+command once in a child process and reports its peak RSS (``ru_maxrss``) and rows/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_input(path: Path, tokens: list[str], rows: int, window: int, seed: int = 0) -> None:
+    """*rows* JSON lines ``{"row": i, "sequence": [...]}`` (or the same rows as Parquet / CSV)."""
+    rng = random.Random(seed)
+    if path.suffix == ".jsonl":
+        with path.open("w") as out:
+            for i in range(rows):
+                out.write(json.dumps({"row": i, "sequence": rng.choices(tokens, k=window)}) + "\n")
+        return
+    import pyarrow as pa
+
+    chunk = 100_000
+    writer = None
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        seqs = [rng.choices(tokens, k=window) for _ in range(n)]
+        if path.suffix == ".csv":
+            with path.open("a" if start else "w") as out:
+                out.write("" if start else "row,sequence\n")
+                out.writelines(f"{start + i},{' '.join(s)}\n" for i, s in enumerate(seqs))
+            continue
+        import pyarrow.parquet as pq
+
+        table = pa.table({"row": pa.array(range(start, start + n)), "sequence": seqs})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    if writer is not None:
+        writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("tag")
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"])
+    parser.add_argument("--peak-rss", action="store_true", help="one CLI run in a child: peak RSS, rows/s")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from recbole_bento import batch
+    from recbole_bento.core import store
+
+    torch.set_num_threads(args.threads)
+    stored = store.resolve(args.tag)
+    scorer = batch.Scorer(stored, batch.Options(batch_size=args.batch))
+    tokens = scorer.planner.item_tokens[1:]
+    work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
+    source = work / f"in.{args.format}"
+    make_input(source, tokens, args.rows, scorer.engine.artifact.window)
+    load = os.getloadavg()[0]
+    if args.peak_rss:
+        env = {**os.environ, "RECBOLE_BENTO_TORCH_THREADS": str(args.threads)}
+        cmd = [sys.executable, "-m", "recbole_bento.batch", "--model", str(stored.tag)]
+        cmd += ["--input", str(source), "--output", str(work / f"out.{args.format}"), "--no-progress"]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        wall = time.perf_counter() - start
+        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(
+            json.dumps(
+                {
+                    "rows": args.rows,
+                    "format": args.format,
+                    "wall_s": round(wall, 1),
+                    "rows_s_incl_start": round(args.rows / wall),
+                    "peak_rss_mb": round(peak_mb),
+                    "load1": load,
+                }
+            )
+        )
+        return
+    queries = [p.query for c in batch.Reader(source, 100_000) for p in scorer.plan(c).plans]
+    ratios = []
+    for rnd in range(args.rounds):
+        start = time.perf_counter()
+        for i in range(0, len(queries), args.batch):
+            scorer.engine.rank(queries[i : i + args.batch])
+        engine_s = len(queries) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        batch.score_file(scorer, source, work / f"out.{args.format}", progress=False)
+        batch_s = args.rows / (time.perf_counter() - start)
+        ratios.append(batch_s / engine_s)
+        print(
+            json.dumps(
+                {
+                    "round": rnd,
+                    "model": args.tag,
+                    "items": len(tokens),
+                    "batch": args.batch,
+                    "threads": args.threads,
+                    "format": args.format,
+                    "engine_rows_s": round(engine_s),
+                    "batch_rows_s": round(batch_s),
+                    "ratio": round(ratios[-1], 3),
+                    "load1": round(os.getloadavg()[0], 2),
+                }
+            ),
+            flush=True,
+        )
+    print(json.dumps({"best_ratio": round(max(ratios), 3), "load1_at_start": load}))
+
+
+if __name__ == "__main__":
+    main()
