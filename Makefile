@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO := demo
 PORT ?= 3000
 
-.PHONY: install serve demo-model test lint clean bench-peers-env
+.PHONY: install java serve demo-model test lint clean bench-peers-env
 
 # CPU torch first: a bare `torch` requirement with nothing installed pulls a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -15,7 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# tests/test_spark.py runs Spark on local[2]: a Java runtime from the Debian packages when missing.
+java:
+	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
+
+install: $(VENV)/.installed java
 
 $(DEMO)/SASRec.pth: | $(VENV)/.installed
 	$(BIN)/python -m devtools.training --model SASRec --out $(DEMO)
@@ -30,7 +34,7 @@ serve: demo-model
 lint: | $(VENV)/.installed
 	$(BIN)/ruff check .
 
-test: lint
+test: lint java
 	$(BIN)/python -m pytest -q tests
 
 # The benchmark's peers (LitServe, Ray Serve) in their own venv, and wrk: docs/benchmarks.md.

@@ -9,7 +9,8 @@ file (and ``--format parquet``/``csv`` if asked), then alternately, ``--rounds``
   - ``batch``: ``recbole_bento.batch.score_file`` on the file (read, validate, map, rank, decode,
     write), with the model already loaded.
 Prints one JSON line per round and the best ratio batch/engine. ``--peak-rss`` instead runs the
-command once in a child process and reports its peak RSS (``ru_maxrss``) and rows/s.
+command once in a child process and reports its peak RSS (``ru_maxrss``) and rows/s; ``--spark``
+times ``recbole_bento.spark.recommend`` on local[2] over the same rows as Parquet.
 """
 
 from __future__ import annotations
@@ -59,6 +60,43 @@ def make_input(path: Path, tokens: list[str], rows: int, window: int, seed: int 
         writer.close()
 
 
+def spark_rate(stored, source: Path, tokens: list[str], args: argparse.Namespace, load: float) -> None:
+    """Rows/s of ``recommend`` on local[2] (two task slots, one torch thread each), model already
+    loaded in the workers by a warm-up job."""
+    from pyspark.sql import SparkSession
+
+    from recbole_bento.spark import recommend
+
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["RECBOLE_BENTO_TORCH_THREADS"] = "1"
+    make_input(source, tokens, args.rows, stored.info.metadata["max_history_length"])
+    spark = SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false").getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    exported = stored.export(str(source.parent / "model.bentomodel"))
+    df = spark.read.parquet(str(source)).repartition(2).cache()
+    df.count()
+    recommend(df.limit(100).repartition(2), model=exported).write.mode("overwrite").parquet(
+        str(source.parent / "warm")
+    )
+    start = time.perf_counter()
+    recommend(df, model=exported, batch_size=args.batch).write.mode("overwrite").parquet(
+        str(source.parent / "o")
+    )
+    wall = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "spark": "local[2]",
+                "rows": args.rows,
+                "rows_s": round(args.rows / wall),
+                "rows_s_per_core": round(args.rows / wall / 2),
+                "load1": load,
+            }
+        )
+    )
+    spark.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tag")
@@ -68,6 +106,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"])
     parser.add_argument("--peak-rss", action="store_true", help="one CLI run in a child: peak RSS, rows/s")
+    parser.add_argument("--spark", action="store_true", help="recbole_bento.spark.recommend on local[2]")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -83,6 +122,9 @@ def main() -> None:
     source = work / f"in.{args.format}"
     make_input(source, tokens, args.rows, scorer.engine.artifact.window)
     load = os.getloadavg()[0]
+    if args.spark:
+        spark_rate(stored, source.with_suffix(".parquet"), tokens, args, load)
+        return
     if args.peak_rss:
         env = {**os.environ, "RECBOLE_BENTO_TORCH_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "recbole_bento.batch", "--model", str(stored.tag)]

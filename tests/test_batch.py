@@ -282,3 +282,11 @@ def test_console_command_and_exported_model(tmp_path, sasrec_tag, rows, http_ans
     assert missing.stderr.strip().splitlines() == [
         f"recbole-bento-batch: {tmp_path / 'nope.bentomodel'}: no such model file"
     ]
+
+
+def test_console_script_points_at_main():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["recbole-bento-batch"].partition(":")
+    assert module == "recbole_bento.batch" and getattr(batch, name) is batch.main
