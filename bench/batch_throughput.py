@@ -117,6 +117,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     stored = store.resolve(args.tag)
     scorer = batch.Scorer(stored, batch.Options(batch_size=args.batch))
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the model, loaded: per worker
     tokens = scorer.planner.item_tokens[1:]
     work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     source = work / f"in.{args.format}"
@@ -174,7 +175,11 @@ def main() -> None:
             ),
             flush=True,
         )
-    print(json.dumps({"best_ratio": round(max(ratios), 3), "load1_at_start": load}))
+    print(
+        json.dumps(
+            {"best_ratio": round(max(ratios), 3), "loaded_rss_mb": round(loaded_mb), "load1_at_start": load}
+        )
+    )
 
 
 if __name__ == "__main__":
