@@ -4,10 +4,10 @@
     scored = recommend(df, model="sasrec.bentomodel", sequence_col="sequence", topk=10)
 
 ``model`` is a file written by ``bentoml models export`` (or a model store tag on the driver, which
-is exported to a temporary file). The file is shipped with the job (``SparkContext.addFile``); each
-Python worker imports it once into a private BentoML home and keeps the loaded model for every
-later partition (``_SCORERS``); the function Spark pickles carries only the file's name and the
-options. Rows are scored with ``batch.Scorer``, the single-machine command's own code, on Arrow
+is exported to a temporary file). The file is shipped with the job (``SparkContext.addFile``);
+each Python worker imports it once into a temporary private BentoML home and keeps the loaded model
+for every later partition (``_SCORERS``); the function Spark pickles carries only the file's name
+and the options. Rows are scored with ``batch.Scorer``, the single-machine command's own code, on Arrow
 batches (``mapInArrow``): the answers are those of /recommend for the same rows.
 
 Executors must run the Python environment this package is installed in (``PYSPARK_PYTHON`` or
@@ -29,16 +29,16 @@ from .core import store
 from .core.planner import Planner
 from .settings import SETTINGS
 
-_SCORERS: dict[tuple[str, Options], Scorer] = {}  # per Python worker: loaded once, reused by each task
+_SCORERS: dict[tuple[str, str], Scorer] = {}  # per Python worker: loaded once, reused by each task
 
 
 def _scorer(name: str, options: Options) -> Scorer:
-    key = (name, options)
+    key = (name, repr(options))  # repr: ``filters`` may be a dict, which does not hash
     if key not in _SCORERS:
         from pyspark import SparkFiles
 
-        home = tempfile.mkdtemp(prefix="recbole-bento-spark-")
-        _SCORERS[key] = Scorer(store.import_archive(Path(SparkFiles.get(name)), Path(home)), options)
+        with tempfile.TemporaryDirectory(prefix="recbole-bento-spark-") as home:  # loaded: not needed after
+            _SCORERS[key] = Scorer(store.import_archive(Path(SparkFiles.get(name)), Path(home)), options)
     return _SCORERS[key]
 
 
