@@ -159,6 +159,24 @@ def _new_dataset() -> bytes:  # SequentialDataset.__new__(SequentialDataset), as
     return DATASET + b")\x81"
 
 
+def _dtype(flags: int) -> bytes:
+    """np.dtype('O') as numpy pickles it, its BUILD state carrying *flags* (63 is the genuine one)."""
+    return (
+        _global("numpy", "dtype")
+        + _value(("O8", False, True))
+        + b"R"
+        + _value((3, "|", None, None, None, -1, -1, flags))
+        + b"b"
+    )
+
+
+def _object_array_from_bytes(flags: int) -> bytes:
+    """An ndarray of that dtype whose memory is 8 raw bytes from the file, i.e. a pointer 0x4141..."""
+    reconstruct = _global("numpy.core.multiarray", "_reconstruct")
+    new = reconstruct + b"(" + _global("numpy", "ndarray") + _value((0,)) + _value(b"b") + b"tR"
+    return new + b"(" + _value(1) + _value((1,)) + _dtype(flags) + _value(False) + _value(b"A" * 8) + b"tb"
+
+
 TRICKS = {
     # name: (pickle bytes given the marker path, expected refusal, does plain pickle run the payload?)
     "REDUCE os.system": (
@@ -279,6 +297,51 @@ TRICKS = {
     "calling an object that is not a function": (
         lambda m: P2 + _new_dataset() + _value(("x",)) + b"R.",
         "calls an instance of recbole.data.dataset.sequential_dataset.SequentialDataset",
+        False,
+    ),
+    # issue 12: pickle's load_build applies state[0] of ANY 2-tuple, so a (dict, 0) state must not
+    # skip the checks a (dict, None) state gets
+    "BUILD state (dict, 0) on a Dataset": (
+        lambda m: P2 + _new_dataset() + b"}" + _value("build") + _value(1) + b"s" + _value(0) + b"\x86b.",
+        "sets the state of SequentialDataset from a tuple (dict, int)",
+        False,
+    ),
+    "BUILD state (dict, 0) overriding OrderedDict.keys": (
+        lambda m: (
+            P2
+            + _global("collections", "OrderedDict")
+            + b")R}"
+            + _value("keys")
+            + _value(1)
+            + b"s"
+            + _value(0)
+            + b"\x86b."
+        ),
+        "sets the state of OrderedDict from a tuple (dict, int)",
+        False,
+    ),
+    "BUILD on a numpy dtype clearing its flags": (
+        lambda m: P2 + _dtype(0) + b".",
+        "rewrites the numpy dtype object",
+        False,
+    ),
+    "object array from raw bytes (genuine dtype)": (
+        lambda m: P2 + _object_array_from_bytes(63) + b".",
+        "makes a numpy array of dtype object from raw bytes",
+        False,
+    ),
+    "numpy _frombuffer making an object array": (
+        lambda m: (
+            P2
+            + _global("numpy.core.numeric", "_frombuffer")
+            + b"("
+            + _value(b"A" * 8)
+            + _dtype(63)
+            + _value((1,))
+            + _value("C")
+            + b"tR."
+        ),
+        "makes a numpy array of dtype object from raw bytes",
         False,
     ),
     "NEWOBJ on an object that is not a class": (

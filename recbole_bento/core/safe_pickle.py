@@ -5,6 +5,11 @@ unpickler resolves only an allowlist of names (RecBole's own classes, tensor/arr
 rebuild functions, a few builtins), and only lets allowlisted *functions* be called (REDUCE):
 RecBole classes are restored with ``__new__`` + state, never by calling their constructors
 (``Config(...)`` would ``eval`` strings). Anything else is refused before it is imported.
+
+State applied by BUILD is checked with pickle's own rules (what ``load_build`` would write, and
+where) before anything is applied; numpy dtypes and arrays are restored only in the shapes numpy
+itself pickles (no dtype flags or object arrays made from raw bytes, which would let a file choose
+the pointers numpy dereferences).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import io
 import logging
 import pickle
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 # Functions and classes a legitimate RecBole checkpoint / dataset may *call* while unpickling.
@@ -71,6 +78,10 @@ _RECBOLE_MODULE_PREFIXES = (
     "recbole.utils.enum_type",
 )
 _TORCH_MODULE_PREFIX = "torch.nn.modules."
+# A Dataset pickled after data_preparation holds torch tensors whose storages pickle as
+# torch.storage._load_from_bytes(bytes), which runs torch.load(weights_only=False) on those bytes:
+# this name resolves to _storage_from_bytes instead, which reads them with the weights-only loader.
+_STORAGE_FROM_BYTES = "torch.storage._load_from_bytes"
 
 
 def _torch_allowed() -> set[str]:
@@ -84,6 +95,16 @@ _TORCH_ALLOWED = _torch_allowed()
 
 class UnsafePickleError(ValueError):
     """The file references a global that is not on the allowlist."""
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """What ``torch.storage._load_from_bytes`` returns, read with torch's weights-only unpickler."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafePickleError(f"refused: a tensor storage given as {type(data).__name__}, not bytes")
+    loaded = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    if not isinstance(loaded, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError(f"refused: tensor storage bytes that hold {type(loaded).__name__}")
+    return loaded
 
 
 # Types a defaultdict factory or a copyreg._reconstructor base may be: data, never behaviour.
@@ -107,6 +128,7 @@ def _allowed_callables() -> dict[int, str]:
         obj = _resolve(qualified)
         if obj is not None and callable(obj):
             out[id(obj)] = qualified
+    out[id(_storage_from_bytes)] = _STORAGE_FROM_BYTES
     return out
 
 
@@ -148,6 +170,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its opc
             module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         qualified = f"{module}.{name}"
+        if qualified == _STORAGE_FROM_BYTES:
+            return _storage_from_bytes
         is_recbole = qualified.startswith(_RECBOLE_MODULE_PREFIXES)
         # torch.nn layer classes: feature models (SASRecF, FDSA, GRU4RecF) save a submodule in
         # other_parameter. Resolved to be restored with __new__ + checked state, never called.
@@ -190,12 +214,12 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its opc
             self._check_call(args[0], tuple(args[2]))
             if not (isinstance(args[1], type) and issubclass(args[1], torch.Tensor)):
                 raise self._refuse(f"calls {name} to make {_describe(args[1])}")
-            self._check_state(args[1], args[3])
+            self._check_state(args[1], args[3], strict=True, via_setattr=True)  # torch's _set_obj_state
         elif name == "torch._utils._rebuild_wrapper_subclass":
             if not (args and isinstance(args[0], type) and issubclass(args[0], torch.Tensor)):
                 raise self._refuse(f"calls {name} to make {_describe(args[0] if args else None)}")
         elif name == "torch._utils._rebuild_parameter_with_state" and len(args) == 4:
-            self._check_state(torch.nn.Parameter, args[3])
+            self._check_state(torch.nn.Parameter, args[3], strict=True, via_setattr=True)
         elif name == "copyreg._reconstructor":  # (cls, base, state): calls base.__new__ and base.__init__
             cls, base = (args + (None, None))[:2]
             if not (isinstance(cls, type) and base in _DATA_TYPES and issubclass(cls, base)):
@@ -208,6 +232,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its opc
 
             if not (args and isinstance(args[0], type) and issubclass(args[0], pd.Index)):
                 raise self._refuse(f"calls {name} to make {_describe(args[0] if args else None)}")
+        elif name.endswith("numeric._frombuffer"):  # (buffer, dtype, shape, order): raw bytes
+            self._check_raw_array(args[1] if len(args) > 1 else None)
         if name in _HOOKS_ARG and len(args) > _HOOKS_ARG[name] and args[_HOOKS_ARG[name]]:
             raise self._refuse("attaches autograd hooks to a tensor")
 
@@ -237,18 +263,54 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its opc
         super().load_newobj_ex()
 
     def load_build(self) -> None:
-        inst = self.stack[-2]
+        inst, state = self.stack[-2], self.stack[-1]
         shared = (type, types.ModuleType, enum.Enum, logging.Logger)
         if isinstance(inst, shared) or inspect.isroutine(inst):  # would alter process-wide objects
             raise self._refuse(
                 f"sets attributes of {_describe(inst) if not isinstance(inst, enum.Enum) else inst}"
             )
-        self._check_state(type(inst), self.stack[-1])
+        if isinstance(inst, np.dtype):
+            self._check_dtype_state(inst, state)
+        elif isinstance(inst, np.ndarray):
+            self._check_array_state(state)
+        elif getattr(inst, "__setstate__", None) is None:  # pickle applies the state itself
+            self._check_state(type(inst), state, strict=True)
+        else:  # the class's own __setstate__ reads it: dicts are checked, the rest is its data
+            self._check_state(type(inst), state)
         super().load_build()
 
-    def _check_state(self, owner: type, state: Any) -> None:
+    def _check_dtype_state(self, dtype: np.dtype, state: Any) -> None:
+        """``np.dtype(...)`` already made the dtype the file names; a genuine BUILD only restates
+        it. Any other state (flags, item size, fields) would make numpy misread memory."""
+        if not (isinstance(state, tuple) and state == dtype.__reduce__()[2]):
+            raise self._refuse(f"rewrites the numpy dtype {dtype}")
+
+    def _check_array_state(self, state: Any) -> None:
+        """ndarray.__setstate__((version,) shape, dtype, is_fortran, data): raw bytes are copied as
+        the array's memory, so they may never back an object array (they would be pointers)."""
+        if isinstance(state, tuple) and len(state) in (4, 5):
+            if isinstance(state[-1], (bytes, bytearray)):
+                self._check_raw_array(state[-3])
+            return
+        raise self._refuse(f"restores a numpy array from {_describe(state)}")
+
+    def _check_raw_array(self, dtype: Any) -> None:
+        if not isinstance(dtype, np.dtype):
+            raise self._refuse(f"makes a numpy array of {_describe(dtype)} from raw bytes")
+        if dtype.hasobject:
+            raise self._refuse(f"makes a numpy array of dtype {dtype} from raw bytes")
+
+    def _check_state(
+        self, owner: type, state: Any, *, strict: bool = False, via_setattr: bool = False
+    ) -> None:
         """Instance state may hold data and RecBole's own model classes, never shadow a method, set a
-        dunder, or plant a callable that later code would call as if it were a method."""
+        dunder, or plant a callable that later code would call as if it were a method.
+
+        pickle's load_build, for a class without ``__setstate__``, writes ``state`` into the
+        instance ``__dict__`` (anything with ``.items()``), or splits a 2-tuple into that and
+        ``setattr`` calls: *strict* accepts only a dict or a 2-tuple of dicts (or None), so what
+        is checked is exactly what gets applied. torch's ``_set_obj_state`` uses ``setattr`` for
+        both parts (*via_setattr*); a setattr must not reach a property setter."""
         if isinstance(state, dict):
             parts = [state]
         elif (
@@ -257,8 +319,23 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pure-Python unpickler: its opc
             and all(p is None or isinstance(p, dict) for p in state)
         ):
             parts = [p for p in state if p]
+        elif strict:
+            shape = (
+                f"a tuple ({', '.join(type(p).__name__ for p in state)})"
+                if isinstance(state, tuple)
+                else _describe(state)
+            )
+            raise self._refuse(f"sets the state of {owner.__qualname__} from {shape}")
         else:
-            return  # opaque data for the class's own __setstate__ (arrays, dtypes, frames)
+            return  # opaque data for the class's own __setstate__ (tensors, frames)
+        if via_setattr:
+            set_by_setattr = [key for part in parts for key in part]
+        else:  # pickle: the dict part goes straight into __dict__, the slot part through setattr
+            set_by_setattr = list(state[1] or {}) if isinstance(state, tuple) else []
+        for key in set_by_setattr:  # a property setter would run on the file's data
+            attr = inspect.getattr_static(owner, key, None) if isinstance(key, str) else None
+            if hasattr(attr, "__set__") and not isinstance(attr, types.MemberDescriptorType):
+                raise self._refuse(f"sets the property {owner.__qualname__}.{key}")
         for part in parts:
             for key, value in part.items():
                 if issubclass(owner, torch.nn.Module) and "hook" in str(key) and value:
@@ -298,9 +375,34 @@ def load_checkpoint(path: Path, *, trust: bool = False) -> dict[str, Any]:
     )
 
 
-def load_dataset_pickle(path: Path, *, trust: bool = False) -> Any:
-    """Load a pickled (or cloudpickled) RecBole Dataset."""
-    data = Path(path).read_bytes()
-    if trust:
-        return pickle.loads(data)
-    return _pickle_module("dataset pickle").Unpickler(io.BytesIO(data)).load()
+class _CountingReader(io.BufferedIOBase):
+    """A file whose reads report how many bytes were read (the import's progress bar)."""
+
+    def __init__(self, raw: io.BufferedIOBase, on_read: Callable[[int], None]) -> None:
+        self._raw, self._on_read = raw, on_read
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._raw.read(size)
+        self._on_read(len(data))
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data = self._raw.readline(size)
+        self._on_read(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        done = self._raw.readinto(buffer)
+        self._on_read(done)
+        return done
+
+
+def load_dataset_pickle(
+    path: Path, *, trust: bool = False, on_read: Callable[[int], None] | None = None
+) -> Any:
+    """Load a pickled (or cloudpickled) RecBole Dataset; *on_read* is told the bytes read."""
+    with open(path, "rb") as raw:
+        file = _CountingReader(raw, on_read) if on_read is not None else raw
+        if trust:
+            return pickle.load(file)
+        return _pickle_module("dataset pickle").Unpickler(file).load()
