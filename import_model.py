@@ -3,17 +3,67 @@
     python import_model.py CHECKPOINT.pth --dataset-pickle DATASET.pkl [--name NAME] [--label KEY=VALUE ...]
     python import_model.py CHECKPOINT.pth --data-path DIR            [--name NAME] [--label KEY=VALUE ...]
 
-Prints the new model tag alone as the last line of stdout. On bad input: exit 1 and a one-line
-reason on stderr, nothing registered.
+Prints the new model tag alone as the last line of stdout, after one summary line on stderr. On a
+terminal (or with --progress) each step is shown on stderr as it runs. On bad input: exit 1 and a
+one-line reason on stderr, nothing registered.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+PREFIX = "import_model: "
+
+
+class StderrProgress:
+    """Each step as a line on stderr with the seconds the previous one took, and a tqdm bar for the
+    long ones. On a terminal the lines are transient (rewritten in place, cleared at the end), so a
+    refusal still leaves exactly one line; elsewhere (--progress into a log) they stay."""
+
+    def __init__(self, transient: bool) -> None:
+        self.transient = transient
+        self.started = self.step_started = time.perf_counter()
+
+    def step(self, text: str) -> None:
+        now = time.perf_counter()
+        line = f"{PREFIX}[{now - self.started:6.1f}s] {text} ..."
+        self.step_started = now
+        if self.transient:
+            sys.stderr.write("\r\x1b[K" + line[: _columns() - 1])
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def bar(self, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+        from tqdm import tqdm
+
+        if self.transient:
+            sys.stderr.write("\n")
+        with tqdm(
+            total=total, unit=unit, unit_scale=unit == "B", leave=not self.transient, file=sys.stderr
+        ) as bar:
+            yield bar.update
+        if self.transient:
+            sys.stderr.write("\x1b[1A")  # back onto the step line, which the next step rewrites
+
+    def clear(self) -> None:
+        if self.transient:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size().columns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="model name (default: <model>-<dataset>, lower-cased)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
+        "--skip-vocabulary-check",
+        action="store_true",
+        help="do not recompute the checkpoint's validation score on the dataset (needed for a model "
+        "that was never validated, e.g. untrained); a dataset whose item ids are numbered "
+        "differently then imports and serves wrong answers",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show each step on stderr (default: only when stderr is a terminal)",
+    )
+    parser.add_argument(
         "--trust-pickles",
         action="store_true",
         help="DANGEROUS: load the checkpoint and dataset pickle with plain pickle, which runs any "
@@ -35,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
 
     from recbole_bento.core.artifact import ArtifactError
-    from recbole_bento.core.importer import ImportRefused, import_checkpoint, parse_labels
+    from recbole_bento.core.importer import ImportRefused, import_checkpoint, parse_labels, stored_size
     from recbole_bento.core.models import UnsupportedModelError
 
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = StderrProgress(transient=sys.stderr.isatty()) if show else None
     if args.trust_pickles:
         print("WARNING: --trust-pickles: unpickling without the allowlist", file=sys.stderr)
     try:
@@ -48,12 +113,30 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             labels=parse_labels(args.label),
             trust_pickles=args.trust_pickles,
+            skip_vocabulary_check=args.skip_vocabulary_check,
+            progress=progress,
         )
     except (ImportRefused, ArtifactError, UnsupportedModelError) as exc:
-        print("import_model: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
-        return 1
-    print(model.tag)
-    return 0
+        reason = str(exc)
+    except RecursionError:
+        reason = f"{args.checkpoint}: the inputs nest too deeply to be read (RecursionError)"
+    except MemoryError:
+        reason = f"{args.checkpoint}: the inputs need more memory than this machine has (MemoryError)"
+    else:
+        if progress:
+            progress.clear()
+        meta = model.info.metadata
+        print(
+            f"{PREFIX}imported {meta['recbole_model']} ({meta['dataset']}): {meta['item_count']:,} items, "
+            f"{meta['user_count']:,} users, {stored_size(model) / 2**20:.1f} MB in the model store",
+            file=sys.stderr,
+        )
+        print(model.tag)
+        return 0
+    if progress:
+        progress.clear()
+    print(PREFIX + " ".join(reason.split()), file=sys.stderr)  # one line
+    return 1
 
 
 if __name__ == "__main__":

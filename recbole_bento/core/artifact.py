@@ -114,6 +114,39 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 # ---------------------------------------------------------------- writing
 
 
+# A RecBole config is a few hundred small values; these bounds are far above any real one and keep
+# a hostile one (shared references that expand to 2^40 leaves, 200,000-deep nesting, a 10^5000
+# integer) from exhausting memory, the stack, or json's int conversion.
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 64
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def check_config_bounds(values: Any, source: str) -> None:
+    """Refuse (ArtifactError) a config whose values, expanded as ``_encode`` would expand them,
+    exceed MAX_CONFIG_NODES or MAX_CONFIG_DEPTH. Iterative, so it never recurses itself; a shared
+    reference is counted every time it is reached, as encoding would copy it."""
+    stack = [(values, 0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ArtifactError(f"{source}: the config holds more than {MAX_CONFIG_NODES} values")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ArtifactError(f"{source}: the config nests deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise ArtifactError(f"{source}: the config holds an integer of {value.bit_length()} bits")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    raise ArtifactError(f"{source}: the config has a key that is {type(key).__name__}")
+                stack.append((key, depth + 1))
+                stack.append((item, depth + 1))
+        elif isinstance(value, _CONTAINERS):
+            stack.extend((item, depth + 1) for item in value)
+
+
 def _encode(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -130,6 +163,7 @@ def _encode(value: Any) -> Any:
 
 def config_to_json(config: Any) -> dict[str, Any]:
     """RecBole Config -> JSON-able dict; values that are not data (device, classes) are dropped."""
+    check_config_bounds(config.final_config_dict, "the checkpoint")
     out = {}
     for key, value in config.final_config_dict.items():
         try:
@@ -171,9 +205,8 @@ def dataset_info(dataset: Any) -> dict[str, Any]:
     }
 
 
-def training_item_counts(dataset: Any, train: Any = None) -> np.ndarray:
+def training_item_counts(dataset: Any, train: Any) -> np.ndarray:
     """Interactions per internal item id in the training split (what RecBole's Pop model counts)."""
-    train = dataset.build()[0] if train is None else train
     items = train.inter_feat[dataset.iid_field].numpy()
     return np.bincount(items, minlength=dataset.item_num).astype(np.int64)
 
@@ -213,8 +246,11 @@ def _tensors_only(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_artifact(directory: Path, checkpoint: dict[str, Any], dataset: Any) -> None:
-    """Write the artifact files for a checkpoint and the Dataset it was trained on."""
+def write_artifact(directory: Path, checkpoint: dict[str, Any], dataset: Any, train: Any) -> None:
+    """Write the artifact files for a checkpoint and the Dataset it was trained on. *train* is the
+    split the model was constructed with (``dataset.build()[0]``, as RecBole passes
+    train_data.dataset): it has the item-list fields sequence models size themselves by (CORE
+    reads their length)."""
     directory = Path(directory)
     config = checkpoint["config"]
     spec = spec_for(config["model"])
@@ -230,9 +266,6 @@ def write_artifact(directory: Path, checkpoint: dict[str, Any], dataset: Any) ->
         if not isinstance(value, torch.Tensor):
             raise ArtifactError(f"other_parameter {key!r} is not a tensor and cannot be stored")
         state[f"__other__.{key}"] = value.detach().cpu().contiguous()
-    # The split the model was constructed with (RecBole passes train_data.dataset): it has the
-    # item-list fields sequence models size themselves by (CORE reads their length).
-    train = dataset.build()[0]
     torch.save(state, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(config_to_json(config), indent=1, sort_keys=True))
     (directory / DATASET).write_text(json.dumps(dataset_info(train), indent=1, sort_keys=True))

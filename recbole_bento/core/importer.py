@@ -2,56 +2,146 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import tempfile
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import bentoml
-import torch
+from bentoml.exceptions import BentoMLException, NotFound
 
 from . import store
-from .artifact import ArtifactError, file_digests, load_artifact, write_artifact
-from .engine import build_model
-from .models import spec_for
+from .artifact import ArtifactError, check_config_bounds, file_digests, load_artifact, write_artifact
+from .engine import Engine
+from .models import UnsupportedModelError, spec_for
 from .safe_pickle import load_checkpoint, load_dataset_pickle
+from .vocabulary import VocabularyMismatch, check_vocabulary
 
 
 class ImportRefused(ValueError):
     """A one-line reason why the inputs cannot be imported."""
 
 
+class Progress:
+    """Where import_checkpoint reports what it is doing. This default says nothing (library use,
+    tests); import_model.py passes one that writes to stderr."""
+
+    def step(self, text: str) -> None:
+        """A new step begins."""
+
+    def bar(self, total: int, unit: str) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+        """Context for a long step of *total* units: yields a function to call with units done."""
+        return contextlib.nullcontext(lambda done: None)
+
+
+# Size-like config values the model constructors allocate from. The checkpoint's weights fix the
+# real sizes, but a constructor allocates before load_state_dict can compare: bound them first.
+# The window is bounded by the longest history the service accepts (settings.max_history).
+MAX_WINDOW = 10_000
+MAX_WIDTH = 16_384
+MAX_COUNT = 64
+_WIDTH_KEYS = (
+    "hidden_size", "embedding_size", "inner_size", "kg_embedding_size", "prototype_size",
+    "interest_size", "k_interests", "kernel_size", "nh", "nv", "order_len", "short_item_length",
+    "reranker_CAN_NUM",
+)  # fmt: skip
+_COUNT_KEYS = ("n_layers", "num_layers", "n_heads", "block_num", "step", "high_order")
+
+
+def check_file(path: Path, what: str) -> Path:
+    """The path of an existing regular file (or a link to one), else a one-line refusal saying
+    what it is instead."""
+    path = Path(path)
+    if not path.exists():
+        raise ImportRefused(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise ImportRefused(f"{what} {path} is a directory, not a file")
+    if not path.is_file():
+        kind = "a device" if path.is_char_device() or path.is_block_device() else "a pipe or socket"
+        raise ImportRefused(f"{what} {path} is not a regular file ({kind})")
+    return path
+
+
+def check_name(name: str) -> bentoml.Tag:
+    """A model name (or name:version) BentoML accepts and that is not in the store yet."""
+    try:
+        tag = bentoml.Tag.from_taglike(name)
+    except (ValueError, BentoMLException) as exc:
+        raise ImportRefused(f"--name {name!r}: {exc}") from None
+    if tag.version == "latest":
+        raise ImportRefused(f"--name {name!r}: 'latest' names the newest version; it cannot be set")
+    if tag.version is not None:
+        with contextlib.suppress(NotFound):
+            bentoml.models.get(tag)
+            raise ImportRefused(f"model {tag} already exists in the BentoML model store")
+    return tag
+
+
+def check_sizes(config: Any, source: str) -> None:
+    """Refuse size-like config values no real model has, before a constructor allocates them."""
+    bounds = {"MAX_ITEM_LIST_LENGTH": MAX_WINDOW}
+    bounds.update(dict.fromkeys(_WIDTH_KEYS, MAX_WIDTH))
+    bounds.update(dict.fromkeys(_COUNT_KEYS, MAX_COUNT))
+    for key, bound in bounds.items():
+        value = config[key]
+        if value is None and key != "MAX_ITEM_LIST_LENGTH":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
+            raise ImportRefused(f"{source}: {key}={value!r} is not an integer in 1..{bound}")
+
+
 def read_checkpoint(path: Path, *, trust: bool = False) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise ImportRefused(f"checkpoint {path} does not exist")
+    check_file(path, "checkpoint")
     try:
         checkpoint = load_checkpoint(Path(path), trust=trust)
     except ValueError as exc:  # UnsafePickleError included
-        raise ImportRefused(str(exc)) from exc
+        raise ImportRefused(f"{path}: {exc}") from exc
     except Exception as exc:  # torch/pickle raise many types for a file that is not a checkpoint
         raise ImportRefused(f"{path} is not a RecBole checkpoint ({type(exc).__name__}: {exc})") from exc
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if config is None or not hasattr(config, "final_config_dict") or "state_dict" not in checkpoint:
+    values = getattr(config, "__dict__", {}).get("final_config_dict")
+    if not isinstance(values, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ImportRefused(
             f"{path} is not a RecBole checkpoint (expected the dict RecBole's Trainer saves, "
             "with 'config' and 'state_dict')"
         )
+    try:
+        check_config_bounds(values, str(path))
+    except ArtifactError as exc:
+        raise ImportRefused(str(exc)) from None
+    for key in ("model", "dataset", "USER_ID_FIELD", "ITEM_ID_FIELD"):
+        if not isinstance(values.get(key), str):
+            raise ImportRefused(f"{path}: the config's {key} is {type(values.get(key)).__name__}, not a name")
+    for key, kinds in (("epoch", (int,)), ("best_valid_score", (int, float))):
+        value = checkpoint.get(key)
+        if value is not None and not (isinstance(value, kinds) and not isinstance(value, bool)):
+            raise ImportRefused(f"{path}: the checkpoint's {key} is {type(value).__name__}, not a number")
+    check_sizes(config, str(path))
     return checkpoint
 
 
-def read_dataset_pickle(path: Path, *, trust: bool = False) -> Any:
-    if not Path(path).is_file():
-        raise ImportRefused(f"dataset pickle {path} does not exist")
+def read_dataset_pickle(path: Path, *, trust: bool = False, progress: Progress | None = None) -> Any:
+    check_file(path, "dataset pickle")
     try:
-        dataset = load_dataset_pickle(Path(path), trust=trust)
+        with (progress or Progress()).bar(Path(path).stat().st_size, "B") as advance:
+            dataset = load_dataset_pickle(Path(path), trust=trust, on_read=advance)
     except ValueError as exc:
-        raise ImportRefused(str(exc)) from exc
+        raise ImportRefused(f"{path}: {exc}") from exc
     except Exception as exc:
         raise ImportRefused(f"{path} is not a pickled RecBole Dataset ({type(exc).__name__}: {exc})") from exc
     if not hasattr(dataset, "field2id_token") or not hasattr(dataset, "iid_field"):
         raise ImportRefused(f"{path} does not hold a RecBole Dataset (found {type(dataset).__name__})")
+    values = getattr(getattr(dataset, "config", None), "__dict__", {}).get("final_config_dict")
+    if not isinstance(values, dict):
+        raise ImportRefused(f"{path} does not hold a RecBole Dataset (its config is not a RecBole Config)")
+    try:
+        check_config_bounds(values, str(path))
+    except ArtifactError as exc:
+        raise ImportRefused(str(exc)) from None
     return dataset
 
 
@@ -69,6 +159,21 @@ def dataset_from_atomic_files(config: Any, data_dir: Path) -> Any:
         return cls(config)
     except Exception as exc:
         raise ImportRefused(f"cannot build the dataset from {folder}: {type(exc).__name__}: {exc}") from exc
+
+
+def build_splits(dataset: Any) -> list[Any]:
+    """``dataset.build()``: the train/valid/test splits training used. A Dataset pickled after
+    ``data_preparation`` was built in place (its tables already converted to Interaction, sequences
+    already augmented), and converting them again fails: split it without that step."""
+    from recbole.data.interaction import Interaction
+
+    if not isinstance(dataset.inter_feat, Interaction):
+        return dataset.build()
+    dataset._change_feat_format = lambda: None  # this instance only
+    try:
+        return dataset.build()
+    finally:
+        del dataset._change_feat_format
 
 
 def check_dataset_matches(config: Any, dataset: Any) -> None:
@@ -102,7 +207,7 @@ def build_metadata(checkpoint: dict[str, Any], directory: Path, artifact: Any, s
         "recbole_model": artifact.model_name,
         "dataset": config["dataset"],
         "item_count": len(artifact.item_tokens) - 1,
-        "user_count": len(artifact.user_tokens) - 1 if artifact.user_tokens else None,
+        "user_count": artifact.dataset.user_num - 1,
         "max_history_length": artifact.window,
         "required_inputs": artifact.spec.required_inputs,
         "fields": {
@@ -121,6 +226,10 @@ def build_metadata(checkpoint: dict[str, Any], directory: Path, artifact: Any, s
     return {k: v for k, v in metadata.items() if v is not None}  # the model store refuses None
 
 
+def stored_size(model: bentoml.Model) -> int:
+    return sum(p.stat().st_size for p in Path(model.path).iterdir() if p.is_file())
+
+
 def import_checkpoint(
     checkpoint_path: Path,
     *,
@@ -129,27 +238,76 @@ def import_checkpoint(
     name: str | None = None,
     labels: dict[str, str] | None = None,
     trust_pickles: bool = False,
+    skip_vocabulary_check: bool = False,
+    progress: Progress | None = None,
 ) -> bentoml.Model:
-    """Validate everything, round-trip the artifact through the serving loader, then register."""
+    """Validate everything, round-trip the artifact through the serving loader, check the item
+    vocabulary against the checkpoint's recorded validation score, then register."""
+    progress = progress or Progress()
     if (dataset_pickle is None) == (data_path is None):
         raise ImportRefused("give exactly one of --dataset-pickle or --data-path")
+    if name is not None:
+        check_name(name)  # before the slow steps; register() refuses a race
+    progress.step(f"reading the checkpoint {checkpoint_path}")
     checkpoint = read_checkpoint(checkpoint_path, trust=trust_pickles)
     config = checkpoint["config"]
     spec_for(config["model"])  # refuses unsupported models before the (slow) dataset load
     if dataset_pickle is not None:
-        dataset = read_dataset_pickle(dataset_pickle, trust=trust_pickles)
+        progress.step(f"reading the dataset pickle {dataset_pickle}")
+        dataset = read_dataset_pickle(dataset_pickle, trust=trust_pickles, progress=progress)
         source = f"checkpoint {Path(checkpoint_path).name} + dataset pickle {Path(dataset_pickle).name}"
     else:
+        progress.step(f"building the dataset from the atomic files under {data_path}")
         dataset = dataset_from_atomic_files(config, Path(data_path))  # type: ignore[arg-type]
         source = f"checkpoint {Path(checkpoint_path).name} + atomic files"
     check_dataset_matches(config, dataset)
+    progress.step("splitting the dataset as training did (Dataset.build)")
+    try:
+        train, valid, _ = build_splits(dataset)
+    except Exception as exc:
+        raise ImportRefused(f"cannot split the dataset as RecBole does: {_reason(exc)}") from exc
     with tempfile.TemporaryDirectory(prefix="recbole-bento-") as tmp:
         directory = Path(tmp)
-        write_artifact(directory, checkpoint, dataset)
+        progress.step("writing the artifact")
+        try:
+            write_artifact(directory, checkpoint, dataset, train)
+        except (ArtifactError, UnsupportedModelError):
+            raise
+        except Exception as exc:
+            raise ImportRefused(f"cannot store the model: {_reason(exc)}") from exc
+        progress.step(f"building {config['model']} from the stored files and loading its weights")
         artifact = load_artifact(directory)
         try:
-            build_model(artifact, torch.device("cpu"))
-        except ArtifactError as exc:
-            raise ImportRefused(f"the dataset does not match the checkpoint: {exc}") from exc
+            engine = Engine(artifact, device="cpu", block_items=0)
+        except ArtifactError as exc:  # load_state_dict: item counts, or the model class itself
+            raise ImportRefused(
+                f"the dataset or the config does not match the checkpoint's weights: {_reason(exc)}"
+            ) from exc
+        except Exception as exc:  # the config's model class, or its sizes, do not fit the weights
+            raise ImportRefused(
+                f"{checkpoint_path}: {config['model']} cannot be built from the checkpoint's config "
+                f"and weights: {_reason(exc)}"
+            ) from exc
+        if not skip_vocabulary_check:
+            progress.step(f"checking the item vocabulary ({config['valid_metric']} on the validation split)")
+            try:
+                with progress.bar(len(valid.inter_feat), "rows") as advance:
+                    check_vocabulary(engine, checkpoint, valid, on_rows=advance)
+            except VocabularyMismatch as exc:
+                raise ImportRefused(f"{_dataset_source(dataset_pickle, data_path)}: {exc}") from None
         metadata = build_metadata(checkpoint, directory, artifact, source)
-        return store.register(name or default_name(config), directory, metadata, labels or {})
+        progress.step("registering in the BentoML model store")
+        try:
+            return store.register(name or default_name(config), directory, metadata, labels or {})
+        except BentoMLException as exc:
+            raise ImportRefused(str(exc)) from None
+
+
+def _dataset_source(dataset_pickle: Path | None, data_path: Path | None) -> str:
+    return f"dataset pickle {dataset_pickle}" if dataset_pickle is not None else f"--data-path {data_path}"
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one bounded line (messages can hold tensors or whole configs)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= 300 else text[:297] + "..."
