@@ -10,7 +10,8 @@ worker) imports it, so each runs these steps, in this order:
    requests as one WARNING line instead of BentoML's ERROR traceback;
 3. the stored model: ``RECBOLE_BENTO_MODEL`` (unset: the newest import) resolved in the model
    store, and every stored file checked against its sha256 (an altered model stops the server
-   before any worker starts; the services then load with ``verified=True``);
+   before any worker starts; the services then load with ``verified=True``); a missing tag, an
+   empty store or an altered file stops it with one line (SystemExit), not a traceback;
 4. the device: ``RECBOLE_BENTO_DEVICE`` checked (a bad value stops the server with the reason
    instead of restarting a failing worker);
 5. BentoML's per-request costs that change no answer removed (``bentoml_compat.apply``), and the
@@ -27,6 +28,7 @@ from typing import Any
 import bentoml
 
 from ..core import store
+from ..core.artifact import ArtifactError
 from ..core.engine import pick_device
 from ..settings import Settings
 from . import bentoml_compat, guard, observability
@@ -49,8 +51,11 @@ def start(settings: Settings, traced_paths: list[str]) -> Started:
     if settings.json_logs:
         observability.use_json_logs(bentoml_configs=compatible)
     guard.quiet_client_errors()
-    model = store.resolve(settings.model)
-    store.verify(model)
+    try:
+        model = store.resolve(settings.model)
+        store.verify(model)
+    except ArtifactError as exc:  # `bentoml serve` prints a SystemExit's message alone
+        raise SystemExit(f"recbole-bento: {exc}") from None
     device = str(pick_device(settings.device))
     if not compatible:
         return Started(model, str(model.tag), device, tracing={})
