@@ -14,20 +14,18 @@ popular head), short histories, and RecBole's own loader (create_dataset) builds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from devtools.training import QUIET_CPU  # noqa: E402
+from devtools.training import QUIET_CPU, in_directory  # noqa: E402
 
 SASREC = {  # RecBole's SASRec defaults, window 50
     "MAX_ITEM_LIST_LENGTH": 50,
@@ -82,16 +80,6 @@ def write_atomic(path: Path, n_items: int, seed: int, extra: float = 0.1, mean_l
     return len(items)
 
 
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def make(n_items: int, out: Path, seed: int = 0) -> dict:
     warnings.filterwarnings("ignore")
     from recbole.config import Config
@@ -128,7 +116,7 @@ def make(n_items: int, out: Path, seed: int = 0) -> dict:
     dataset.save()  # RecBole's own pickle: <checkpoint_dir>/<dataset>-SequentialDataset.pth
     pickle_path = root / f"{name}-{type(dataset).__name__}.pth"
     model = get_model("SASRec")(config, dataset)
-    with _cwd(root):  # the Trainer opens ./log_tensorboard
+    with in_directory(root):  # the Trainer opens ./log_tensorboard
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     checkpoint = root / "SASRec.pth"
     trainer.saved_model_file = str(checkpoint)

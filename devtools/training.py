@@ -3,16 +3,21 @@ data_preparation, get_model, get_trainer), for the demo, the tests and the bench
 
     python -m devtools.training --model SASRec --out demo/            # ml-100k shipped with recbole
 
-Writes the Trainer's checkpoint and the cloudpickled Dataset, and prints both paths.
+Writes the Trainer's checkpoint and the cloudpickled Dataset, and prints both paths. The command
+shows each epoch (RecBole's batch bar, the training loss, the validation metric) on stderr;
+``train()`` called from code (tests, benchmarks) stays quiet. RecBole's TensorBoard logs go under
+the output folder, never the current directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,18 @@ QUIET_CPU = {
 }
 
 
+@contextlib.contextmanager
+def in_directory(path: Path) -> Iterator[None]:
+    """Run the block with *path* as the current directory. RecBole's Trainer opens its TensorBoard
+    writer at ./log_tensorboard when it is constructed."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 @dataclass
 class Trained:
     checkpoint: Path
@@ -64,8 +81,11 @@ def train(
     dataset: str = "ml-100k",
     data_path: Path = RECBOLE_DATASETS,
     overrides: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> Trained:
-    """Train *model* and save what RecBole users have after training: checkpoint + dataset pickle."""
+    """Train *model* and save what RecBole users have after training: checkpoint + dataset pickle.
+    With *progress*, RecBole's own per-epoch output (batch bar, loss, validation result) goes to
+    stderr."""
     import cloudpickle
     import torch
     from recbole.config import Config
@@ -96,9 +116,13 @@ def train(
         cloudpickle.dump(ds, f)
     train_data, valid_data, test_data = data_preparation(config, ds)
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+    with in_directory(out_dir):
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
     trainer.saved_model_file = str(out_dir / f"{model}.pth")
-    trainer.fit(train_data, valid_data, saved=True, show_progress=False, verbose=False)
+    if progress:
+        logging.basicConfig(stream=sys.stderr, format="%(message)s")
+        logging.getLogger().setLevel(logging.INFO)  # the Trainer logs each epoch at INFO
+    trainer.fit(train_data, valid_data, saved=True, show_progress=progress, verbose=progress)
     return Trained(Path(trainer.saved_model_file), dataset_pickle, config, ds, net, test_data, trainer)
 
 
@@ -118,7 +142,7 @@ def main() -> None:
         "inner_size": 2 * args.hidden_size,
         "embedding_size": args.hidden_size,
     }
-    trained = train(args.model, args.out, args.dataset, args.data_path, size)
+    trained = train(args.model, args.out, args.dataset, args.data_path, size, progress=True)
     print(trained.checkpoint)
     print(trained.dataset_pickle)
 
