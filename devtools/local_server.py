@@ -36,6 +36,7 @@ def local_server(
     the whole process group (SIGTERM, then SIGKILL after 60 s) when the block ends. The server's
     output goes to *log_path* (default: a temporary file)."""
     port = free_port()
+    own_log = log_path is None
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="bentoml-serve-", suffix=".log")[1])
     log = open(log_path, "w+")  # the server writes to it until the block ends
@@ -69,3 +70,5 @@ def local_server(
             os.killpg(proc.pid, 9)
             proc.wait()
         log.close()
+        if own_log:
+            log_path.unlink(missing_ok=True)

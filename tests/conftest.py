@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -11,8 +12,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# Before anything imports bentoml: every test uses a private, empty model store.
+# Before anything imports bentoml: every test uses a private, empty model store, removed at exit.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="recbole-bento-home-")
+atexit.register(shutil.rmtree, os.environ["BENTOML_HOME"], ignore_errors=True)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import httpx  # noqa: E402
@@ -95,6 +97,7 @@ def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) 
             yield url
     finally:
         serving.last_log = log.read_text() if log.exists() else ""  # type: ignore[attr-defined]
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
