@@ -54,8 +54,8 @@ QUIET_CPU = {
 
 @contextlib.contextmanager
 def in_directory(path: Path) -> Iterator[None]:
-    """Run the block with *path* as the current directory. RecBole's Trainer opens its TensorBoard
-    writer at ./log_tensorboard when it is constructed."""
+    """Run the block with *path* as the current directory. RecBole's Trainer writes its TensorBoard
+    logs under ./log_tensorboard."""
     before = os.getcwd()
     os.chdir(path)
     try:
@@ -116,13 +116,16 @@ def train(
         cloudpickle.dump(ds, f)
     train_data, valid_data, test_data = data_preparation(config, ds)
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    with in_directory(out_dir):
-        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
-    trainer.saved_model_file = str(out_dir / f"{model}.pth")
     if progress:
         logging.basicConfig(stream=sys.stderr, format="%(message)s")
         logging.getLogger().setLevel(logging.INFO)  # the Trainer logs each epoch at INFO
-    trainer.fit(train_data, valid_data, saved=True, show_progress=progress, verbose=progress)
+    # The Trainer's TensorBoard writer keeps the relative path ./log_tensorboard/... it was made
+    # with and reopens it while training: stay in out_dir for the whole fit (every other path is
+    # absolute).
+    with in_directory(out_dir):
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
+        trainer.saved_model_file = str(out_dir / f"{model}.pth")
+        trainer.fit(train_data, valid_data, saved=True, show_progress=progress, verbose=progress)
     return Trained(Path(trainer.saved_model_file), dataset_pickle, config, ds, net, test_data, trainer)
 
 
