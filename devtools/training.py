@@ -120,12 +120,13 @@ def train(
         logging.basicConfig(stream=sys.stderr, format="%(message)s")
         logging.getLogger().setLevel(logging.INFO)  # the Trainer logs each epoch at INFO
     # The Trainer's TensorBoard writer keeps the relative path ./log_tensorboard/... it was made
-    # with and reopens it while training: stay in out_dir for the whole fit (every other path is
+    # with and reopens it while training: stay in out_dir until it is closed (every other path is
     # absolute).
     with in_directory(out_dir):
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
         trainer.saved_model_file = str(out_dir / f"{model}.pth")
         trainer.fit(train_data, valid_data, saved=True, show_progress=progress, verbose=progress)
+        trainer.tensorboard.close()  # its flush thread would write to the relative path later
     return Trained(Path(trainer.saved_model_file), dataset_pickle, config, ds, net, test_data, trainer)
 
 
