@@ -14,13 +14,14 @@ import bentoml
 import torch
 from bentoml.exceptions import InvalidArgument
 from bentoml.models import BentoModel
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from recbole_bento.core import store
 from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
-from recbole_bento.edge import bentoml_compat, guard, lifecycle, observability, startup, topology
+from recbole_bento.edge import bentoml_compat, fast_path, guard, lifecycle, observability, startup, topology
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
 from recbole_bento.edge.schemas import (
     ModelInfo,
@@ -41,6 +42,14 @@ LAYOUT = topology.choose(
     SETTINGS, DEVICE, int(STARTED.model.info.metadata["item_count"]), topology.available_cores()
 )
 ACCESS_LOG = {"access": {"enabled": bool(SETTINGS.access_log)}}  # off unless asked: docs/configuration.md
+# The JSON endpoints: each @bentoml.api method below and the fast path (edge/fast_path.py) answer
+# its body with the same RequestPath method.
+FAST_ROUTES = fast_path.Routes(
+    {
+        "/recommend": fast_path.Endpoint(RecommendRequest, RequestPath.recommend),
+        "/recommend_batch": fast_path.Endpoint(RecommendBatchRequest, RequestPath.recommend_batch),
+    }
+)
 
 
 def load_engine() -> Engine:
@@ -134,7 +143,10 @@ class Recommender:
             max_wait_s=SETTINGS.max_latency_ms / 1000,
             concurrency=LAYOUT.ranker_workers or 1,
             retry_after_s=SETTINGS.retry_after_s,
+            max_batch_requests=SETTINGS.max_batch_requests,
         )
+        # Tracing on: BentoML's dispatch, whose answers carry the request's span id.
+        FAST_ROUTES.serve(self.path if SETTINGS.fast_path and TRACING else None)
         lifecycle.install(
             "recbole_recommender", SETTINGS.shutdown_grace_s, outlive_callers=False, drain_s=SETTINGS.drain_s
         )
@@ -144,9 +156,9 @@ class Recommender:
         """503 from the stop signal on, and while the model worker is unreachable."""
         return not lifecycle.draining() and await self.path.model.ready()
 
-    async def _respond(self, requests: list[RecommendRequest], *, batch: bool) -> Response:
+    async def _respond(self, path: str, body: BaseModel) -> Response:
         try:
-            return await self.path.respond(requests, batch=batch)
+            return await FAST_ROUTES.endpoints[path].answer(self.path, body)
         except RequestError as exc:
             raise InvalidArgument(str(exc)) from None
 
@@ -157,16 +169,13 @@ class Recommender:
         """Top-k next items for one history."""
         # BentoML has validated *fields* with RecommendRequest's own rules (its input spec subclasses
         # it): no second validation.
-        return await self._respond([RecommendRequest.model_construct(**fields)], batch=False)
+        return await self._respond("/recommend", RecommendRequest.model_construct(**fields))
 
     @bentoml.api(input_spec=RecommendBatchRequest, output_spec=RecommendBatchResponse)
     async def recommend_batch(self, requests: list[RecommendRequest]) -> Response:
         """Several /recommend bodies in one call; results come back in the same order."""
-        if len(requests) > SETTINGS.max_batch_requests:
-            raise InvalidArgument(
-                f"at most {SETTINGS.max_batch_requests} requests per batch, got {len(requests)}"
-            )
-        return await self._respond(requests, batch=True)
+        body = RecommendBatchRequest.model_construct(requests=requests)
+        return await self._respond("/recommend_batch", body)
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:
@@ -210,3 +219,6 @@ Recommender.add_asgi_middleware(
     body_timeout_s=SETTINGS.body_timeout_s,
     max_pending_bodies=SETTINGS.max_pending_bodies,
 )
+# Innermost, once the guard has let a request in: the JSON endpoints without BentoML's per-request
+# API dispatch, same answers (edge/fast_path.py).
+Recommender.add_asgi_middleware(fast_path.FastPath, routes=FAST_ROUTES, service_name=Recommender.name)

@@ -32,6 +32,7 @@ class Settings:
     request_timeout_s: int = 30  # a request not answered in this time -> 504
     shutdown_grace_s: int = 40  # after SIGTERM: finish accepted requests, exit within this time
     drain_s: int = 2  # after SIGTERM: keep answering, with readyz 503 and Connection: close, this long
+    fast_path: int = 1  # 0 = the JSON endpoints through BentoML's API dispatch (edge/fast_path.py)
     access_log: int = 0  # 1 = BentoML's access log (one INFO line per request) on both services
     json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)
     allow_untested_bentoml: int = 0  # 1 = serve on a BentoML the edge was not written for (no patches)

@@ -408,12 +408,17 @@ class _ClientErrorsAsWarnings(logging.Filter):
                 else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             )
             path, method = (record.args + ("?", "?"))[:2] if isinstance(record.args, tuple) else ("?", "?")
-            record.msg = f"refused {method} {path}: {reason}"[:500]
+            record.msg = refusal_line(method, path, reason)
             record.args = ()
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+def refusal_line(method: str, path: str, reason: str) -> str:
+    """The one log line of a request refused as invalid, wherever it was refused."""
+    return f"refused {method} {path}: {reason}"[:500]
 
 
 def _is_client_error(exc: BaseException) -> bool:

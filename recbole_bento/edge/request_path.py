@@ -25,11 +25,11 @@ from typing import Protocol
 
 from starlette.responses import Response
 
-from ..core.planner import Planner
+from ..core.planner import Planner, RequestError
 from ..core.ranking import RankQuery, RankResult
 from . import observability
 from .batcher import Batcher, Overloaded
-from .schemas import RecommendRequest, RecommendResponse
+from .schemas import RecommendBatchRequest, RecommendRequest, RecommendResponse
 
 logger = logging.getLogger("recbole_bento")
 
@@ -152,14 +152,31 @@ class RequestPath:
         max_wait_s: float,
         concurrency: int,
         retry_after_s: int,
+        max_batch_requests: int = 0,
     ) -> None:
         self.planner = planner
         self.model = model
         self.model_tag = model_tag
         self.retry_after_s = retry_after_s
+        self.max_batch_requests = max_batch_requests  # entries per /recommend_batch body; 0 = no limit
         self._batched = Batcher(
             model.rank, max_batch=max_batch, max_wait_s=max_wait_s, concurrency=concurrency
         )
+
+    # One method per JSON endpoint, called with its validated body by both ways in: the service's
+    # ``@bentoml.api`` method and the fast path (``edge/fast_path.py``). RequestError: a 400.
+
+    async def recommend(self, request: RecommendRequest) -> Response:
+        """POST /recommend: top-k next items for one history."""
+        return await self.respond([request], batch=False)
+
+    async def recommend_batch(self, body: RecommendBatchRequest) -> Response:
+        """POST /recommend_batch: several /recommend bodies, answered in order."""
+        if self.max_batch_requests and len(body.requests) > self.max_batch_requests:
+            raise RequestError(
+                f"at most {self.max_batch_requests} requests per batch, got {len(body.requests)}"
+            )
+        return await self.respond(body.requests, batch=True)
 
     async def answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
         """The responses, in order; RequestError, ModelUnavailable or Overloaded otherwise."""
