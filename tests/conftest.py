@@ -112,7 +112,15 @@ def sasrec_tag(sasrec: Trained) -> str:
 
 @pytest.fixture(scope="session")
 def sasrec_server(sasrec_tag: str) -> Iterator[str]:
+    """The service as shipped: for this small CPU catalogue, the in-process topology."""
     with serving(sasrec_tag) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sasrec_split_server(sasrec_tag: str) -> Iterator[str]:
+    """The same model behind the two-service topology (public service -> Ranker)."""
+    with serving(sasrec_tag, RECBOLE_BENTO_TOPOLOGY="split") as url:
         yield url
 
 

@@ -30,8 +30,9 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def test_domain_metrics_move_with_requests(sasrec_server, sasrec_tag):
-    url = sasrec_server
+@pytest.mark.parametrize("topology", ["inprocess", "split"])
+def test_domain_metrics_move_with_requests(topology, sasrec_tag, request):
+    url = request.getfixturevalue("sasrec_server" if topology == "inprocess" else "sasrec_split_server")
     tag = {"model_tag": sasrec_tag}
     info = httpx.post(f"{url}/model_info", json={}, timeout=30).json()
     assert info["tag"] == sasrec_tag
@@ -78,13 +79,14 @@ def test_domain_metrics_move_with_requests(sasrec_server, sasrec_tag):
     calls = delta("recbole_bento_batch_size_count")
     assert 1 <= calls <= 3 and delta("recbole_bento_rank_seconds_count") == calls
     assert delta("recbole_bento_rank_seconds_sum") > 0
-    # BentoML's own metrics are still there, for the ranker's process too.
+    # BentoML's own metrics are still there, for the ranker's process too where there is one.
     names = {name for name, _ in after}
     assert "bentoml_service_request_total" in names
-    assert any(
+    ranker_samples = any(
         name == "bentoml_service_request_total" and dict(labels).get("runner_name") == "recbole_ranker"
         for name, labels in after
     )
+    assert ranker_samples == (topology == "split")
     # Every sample of ours carries the model tag.
     for name, labels in after:
         if name.startswith("recbole_bento_"):
@@ -142,14 +144,19 @@ def test_api_paths_skip_unsampled_tracing_spans():
 
 
 def test_bentoml_configuration_still_governs_tracing_and_access_log(sasrec_server, sasrec_tag):
-    """With a sample rate set, every path is traced again; the access log is BentoML's, switched
-    off per service in BentoML's configuration (as bench/run.py serves)."""
+    """With a sample rate set, every path is traced again; the access log is BentoML's: on with
+    RECBOLE_BENTO_ACCESS_LOG=1, and still switched off per service in BentoML's configuration."""
     body = {"sequence": ["1", "2"], "topk": 3}
     untraced = httpx.post(f"{sasrec_server}/recommend", json=body, timeout=30)
     assert untraced.status_code == 200 and "x-bentoml-request-id" not in untraced.headers
     quiet = {"logging": {"access": {"enabled": False}}}
     overrides = {"tracing": {"sample_rate": 1.0}, "services": {"recbole_recommender": quiet}}
-    with serving(sasrec_tag, BENTOML_CONFIG_OVERRIDES=json.dumps(overrides)) as url:
+    with serving(
+        sasrec_tag,
+        BENTOML_CONFIG_OVERRIDES=json.dumps(overrides),
+        RECBOLE_BENTO_ACCESS_LOG="1",
+        RECBOLE_BENTO_TOPOLOGY="split",
+    ) as url:
         traced = httpx.post(f"{url}/recommend", json=body, timeout=30)
     assert traced.status_code == 200 and traced.headers["x-bentoml-request-id"]
     assert traced.json() == untraced.json()
