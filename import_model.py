@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         help="show each step on stderr (default: only when stderr is a terminal)",
     )
     parser.add_argument(
+        "--item-features",
+        type=Path,
+        metavar="FILE.item",
+        help="a RecBole atomic item file whose token, token_seq and float columns become filterable "
+        "attributes (default: the item features the dataset loaded, if any)",
+    )
+    parser.add_argument(
         "--trust-pickles",
         action="store_true",
         help="DANGEROUS: load the checkpoint and dataset pickle with plain pickle, which runs any "
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             trust_pickles=args.trust_pickles,
             skip_vocabulary_check=args.skip_vocabulary_check,
             progress=progress,
+            item_features=args.item_features,
         )
     except (ImportRefused, ArtifactError, UnsupportedModelError) as exc:
         reason = str(exc)

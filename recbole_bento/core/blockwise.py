@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .ranking import NEG_INF, BatchMask, RankQuery
+from .ranking import NEG_INF, BatchMask, FilterCompiler, RankQuery
 
 
 class BlockTopK:
@@ -196,14 +196,20 @@ class BlockTopK:
     # ------------------------------------------------------------------ pass 2
 
     def topk(
-        self, q: torch.Tensor, queries: Sequence[RankQuery], k: int, force: bool = False
+        self,
+        q: torch.Tensor,
+        queries: Sequence[RankQuery],
+        k: int,
+        force: bool = False,
+        compile_filter: FilterCompiler | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, indices), each [B, <=k] and sorted like torch.topk, or None when the batch is
         better served by the plain path: a score matrix under *min_scores* (cheap to materialise;
         unless *force*), or a top-k so large that most of the table would be re-scored.
 
-        A row restricted to an allow-list of at most one block of items skips pass 1: pass 2
-        scores exactly its allowed items. Every other row goes through pass 1 with its masks."""
+        A row restricted to an allow-list (``candidates``, ``filters``) of at most one block of items
+        skips pass 1: pass 2 scores exactly its allowed items. Every other row goes through pass 1
+        with its masks."""
         batch, device, chunk = q.shape[0], q.device, self.chunk
         if not force and batch * self.n_items < self.min_scores:
             return None
@@ -211,7 +217,7 @@ class BlockTopK:
         kc = min(k, self.n_chunks)
         if kc * chunk > self.n_items // 2:  # one row alone would re-score half the table
             return None
-        mask = BatchMask(queries, self.n_items, device)
+        mask = BatchMask(queries, self.n_items, device, compile_filter)
         direct = {
             row: torch.nonzero(allowed).flatten()
             for row, allowed in mask.allowed.items()

@@ -1,20 +1,28 @@
 """Batched inference: pad histories as RecBole does, call the model's own full_sort_predict,
 mask, take the top-k. No HTTP here; the ranking service, the batch scorer and the benchmarks call
 it directly. For models that score by a dot product with their item table (``ModelSpec.dot_product``)
-large catalogues on a CPU are ranked by the exact block top-k of ``blockwise.py`` instead."""
+large catalogues on a CPU are ranked by the exact block top-k of ``blockwise.py`` instead.
+
+Similar-item queries (``RankQuery.kind == "similar"``) and explanations compare items by cosine in
+the model's item table (``ModelSpec.item_table``): with its rows L2-normalised once at start-up,
+cosine is a dot product, so they go through the same masks and the same exact (block) top-k."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
 from .artifact import Artifact, ArtifactError, ServingConfig
+from .attributes import ItemAttributes
 from .blockwise import BlockTopK, same_topk
-from .ranking import RankQuery, RankResult, apply_masks
+from .ranking import FilterCompiler, RankQuery, RankResult, apply_masks
+
+EXPLAIN_ITEMS = 3  # history items named per returned item
 
 _OTHER_PREFIX = "__other__."
 logger = logging.getLogger("recbole_bento")
@@ -78,8 +86,18 @@ class Engine:
         self._seq_field = artifact.item_seq_field
         self._len_field = artifact.item_seq_len_field
         self._uid_field = artifact.dataset.uid_field
+        attributes = ItemAttributes.load(artifact.path, self.n_items)
+        self.compile_filter = attributes.compile if attributes is not None else None
         # large catalogues, dot-product models, CPU: exact top-k without the B x N matrix
         self.block = block_ranker(self, block_items)
+        # the item table with unit rows (None: the model has none): cosine = dot product
+        self.unit = unit_table(self.model, artifact.spec.item_table, self.n_items)
+        self.similar_block = None
+        if self.unit is not None and block_items > 0 and self.device.type == "cpu":
+            if self.n_items >= 4 * block_items:
+                self.similar_block = BlockTopK(
+                    self.unit, self.n_items, block_items, min_scores=64 * block_items
+                )
 
     def interaction(self, queries: Sequence[RankQuery]) -> Interaction:
         seq, lengths = pad_histories([q.history for q in queries], self.artifact.window)
@@ -100,27 +118,73 @@ class Engine:
 
     @torch.inference_mode()
     def rank(self, queries: Sequence[RankQuery]) -> list[RankResult]:
-        if not queries:
-            return []
-        k = min(max(q.topk for q in queries), self.n_items)
-        top = self.block.topk(self.interaction(queries), queries, k) if self.block is not None else None
-        values, indices = top if top is not None else self.plain_topk(queries, k)
-        values, indices = values.cpu(), indices.cpu()
-        results = []
-        for row, query in enumerate(queries):
-            vals = values[row, : query.topk]
-            keep = vals > float("-inf")
-            results.append(
-                RankResult(items=indices[row, : query.topk][keep].tolist(), scores=vals[keep].tolist())
-            )
-        return results
+        """Answer a batch of queries of either kind, in order; ``explain`` ones get ``because``."""
+        results: list[RankResult | None] = [None] * len(queries)
+        for kind, topk in (("next", self._next_topk), ("similar", self._similar_topk)):
+            rows = [row for row, query in enumerate(queries) if query.kind == kind]
+            if not rows:
+                continue
+            part = [queries[row] for row in rows]
+            values, indices = topk(part, min(max(q.topk for q in part), self.n_items))
+            values, indices = values.cpu(), indices.cpu()
+            for i, (row, query) in enumerate(zip(rows, part, strict=True)):
+                vals = values[i, : query.topk]
+                keep = vals > float("-inf")
+                results[row] = RankResult(indices[i, : query.topk][keep].tolist(), vals[keep].tolist())
+        for query, result in zip(queries, results, strict=True):
+            if query.explain and result is not None:
+                result.because = self.because(query.history, result.items)
+        return cast(list[RankResult], results)  # every query is of one of the two kinds
+
+    def _next_topk(self, queries: Sequence[RankQuery], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        top = None
+        if self.block is not None:
+            top = self.block.topk(self.interaction(queries), queries, k, compile_filter=self.compile_filter)
+        return top if top is not None else self.plain_topk(queries, k)
 
     @torch.inference_mode()
     def plain_topk(self, queries: Sequence[RankQuery], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference path: full_sort_predict, masks, torch.topk over the whole catalogue."""
         scores = self.scores(queries).float()
-        apply_masks(scores, queries)
+        apply_masks(scores, queries, self.compile_filter)
         return torch.topk(scores, k, dim=1)
+
+    def _table(self) -> torch.Tensor:
+        if self.unit is None:  # the planner refuses these requests first
+            raise ValueError(f"{self.artifact.model_name} has no item table to compare items in")
+        return self.unit
+
+    def _similar_topk(self, queries: Sequence[RankQuery], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine with the mean of the query items' unit rows; masks as for next items."""
+        table = self._table()
+        q = torch.stack(
+            [table[torch.tensor(query.history, device=table.device)].mean(0) for query in queries]
+        )
+        q = F.normalize(q, dim=1)
+        top = None
+        if self.similar_block is not None:
+            top = self.similar_block.topk(q, queries, k, compile_filter=self.compile_filter)
+        if top is None:
+            scores = q @ table.T
+            apply_masks(scores, queries, self.compile_filter)
+            top = torch.topk(scores, k, dim=1)
+        return top
+
+    def because(self, history: Sequence[int], items: Sequence[int]) -> list[list[int]]:
+        """Per item, up to EXPLAIN_ITEMS distinct *history* items most like it (cosine in the item
+        table), most similar first; an item is never its own reason."""
+        table = self._table()
+        seen = torch.tensor(list(dict.fromkeys(history)), dtype=torch.long, device=table.device)
+        wanted = torch.tensor(list(items), dtype=torch.long, device=table.device)
+        if not seen.numel() or not wanted.numel():
+            return [[] for _ in items]
+        sims = table[wanted] @ table[seen].T  # [items, history]
+        sims.masked_fill_(wanted.unsqueeze(1) == seen.unsqueeze(0), float("-inf"))
+        top = torch.topk(sims, min(EXPLAIN_ITEMS, seen.numel()), dim=1)
+        picked = seen[top.indices].cpu()
+        return [
+            row[keep].tolist() for row, keep in zip(picked, (top.values > float("-inf")).cpu(), strict=True)
+        ]
 
 
 class BlockRanker:
@@ -133,11 +197,25 @@ class BlockRanker:
 
     @torch.inference_mode()
     def topk(
-        self, interaction: Any, queries: Sequence[RankQuery], k: int, force: bool = False
+        self,
+        interaction: Any,
+        queries: Sequence[RankQuery],
+        k: int,
+        force: bool = False,
+        compile_filter: FilterCompiler | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not force and len(queries) * self.scorer.n_items < self.scorer.min_scores:
             return None  # before the model's forward: the plain path runs it again
-        return self.scorer.topk(self.query(interaction), queries, k, force)
+        return self.scorer.topk(self.query(interaction), queries, k, force, compile_filter)
+
+
+def unit_table(model: torch.nn.Module, name: str | None, n_items: int) -> torch.Tensor | None:
+    """The first *n_items* rows of ``model.<name>.weight`` (``ModelSpec.item_table``), each scaled
+    to unit length (the padding row, all zeros, stays zero); None when the spec names no table."""
+    weight = getattr(getattr(model, name, None), "weight", None) if name else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < n_items:
+        return None
+    return F.normalize(weight.detach()[:n_items].float(), dim=1).contiguous()
 
 
 def query_fn(model: torch.nn.Module, kind: str | None) -> Callable[[Any], torch.Tensor] | None:

@@ -14,7 +14,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import BentoMLException, NotFound
 
-from . import store
+from . import attributes, store
 from .artifact import ArtifactError, check_config_bounds, file_digests, load_artifact, write_artifact
 from .engine import Engine
 from .models import UnsupportedModelError, spec_for
@@ -240,6 +240,7 @@ def import_checkpoint(
     trust_pickles: bool = False,
     skip_vocabulary_check: bool = False,
     progress: Progress | None = None,
+    item_features: Path | None = None,
 ) -> bentoml.Model:
     """Validate everything, round-trip the artifact through the serving loader, check the item
     vocabulary against the checkpoint's recorded validation score, then register."""
@@ -275,6 +276,10 @@ def import_checkpoint(
             raise
         except Exception as exc:
             raise ImportRefused(f"cannot store the model: {_reason(exc)}") from exc
+        try:
+            attributes.store(directory, dataset, item_features)
+        except attributes.ItemFeaturesError as exc:
+            raise ImportRefused(str(exc)) from exc
         progress.step(f"building {config['model']} from the stored files and loading its weights")
         artifact = load_artifact(directory)
         try:

@@ -10,7 +10,9 @@ per-model conditionals. A model's quirks are data in its ModelSpec row:
 - config values a checkpoint must have to be servable (S3Rec must be fine-tuned);
 - whether full_sort_predict also computes a training loss, and so reads a target item (CPR models);
 - what its scores are (RepeatNet and the CPR models return probabilities);
-- whether it scores by a dot product with its item table, and how its forward is called.
+- whether it scores by a dot product with its item table, and how its forward is called;
+- which item table its full_sort_predict scores against (/similar_items and explanations compare
+  items by cosine in it).
 
 Quirks that need no code are recorded in ``notes`` for the model table: the engine always pads to
 MAX_ITEM_LIST_LENGTH as RecBole's dataloader does (SINE, Caser and NextItNet need that exact
@@ -53,6 +55,10 @@ class ModelSpec:
     # ("seq_and_len": (item_seq, item_seq_len), "seq_only": (item_seq,)); None = scored otherwise.
     # Such models are ranked by the exact block top-k on large catalogues (blockwise.py).
     dot_product: DotProduct | None = None
+    # the module whose ``.weight`` (rows = internal item ids) full_sort_predict scores the catalogue
+    # against; None where it scores against something else (a transformed table, two tables, a
+    # decoder), and then /similar_items and explanations are refused
+    item_table: str | None = "item_embedding"
     notes: str = ""
 
     @property
@@ -110,6 +116,7 @@ _WINDOW = "reads the exact window: histories are padded to MAX_ITEM_LIST_LENGTH 
 _FEATURES = "item feature columns named by selected_features are stored at import"
 _CPR = "full_sort_predict computes a loss too, so a placeholder target item is passed"
 _KG_ROWS = "ITEM_ID_FIELD"
+_CPR_TABLE = "out_item_embedding"  # item_embedding itself, or a separate output layer
 _DOT: DotProduct = "seq_and_len"
 
 MODEL_SPECS: dict[str, ModelSpec] = {
@@ -125,17 +132,19 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "serving gives it none (not used by full_sort_predict)",
         ),
         ModelSpec("FOSSIL", needs_user=True),
-        ModelSpec("FPMC", needs_user=True),
+        ModelSpec("FPMC", needs_user=True, item_table=None),  # two tables: IU_emb and IL_emb
         ModelSpec("GCSAN", dot_product=_DOT),
         ModelSpec("GRU4Rec", dot_product=_DOT),
-        ModelSpec("GRU4RecCPR", target_placeholder=True, output="probabilities", notes=_CPR),
+        ModelSpec(
+            "GRU4RecCPR", target_placeholder=True, output="probabilities", item_table=_CPR_TABLE, notes=_CPR
+        ),
         ModelSpec("GRU4RecF", item_feature_keys=("selected_features",), notes=_FEATURES),
         ModelSpec(
             "GRU4RecKG",
             preload_weights=(("ent_id", _KG_ROWS),),
             notes="the preloaded entity embeddings the constructor copies are stored at import",
         ),
-        ModelSpec("HGN", needs_user=True),
+        ModelSpec("HGN", needs_user=True, item_table="item_embedding_for_prediction"),
         ModelSpec(
             "HRM",
             needs_user=True,
@@ -144,6 +153,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "KSR",
             preload_weights=(("ent_id", _KG_ROWS), ("rel_id", "RELATION_ID_FIELD")),
+            item_table=None,  # scores against dense_layer_i(item and entity embeddings)
             notes="its relation embeddings (not in its state_dict) are stored at import, as float32: "
             "RecBole 1.2.1 preloads them as float64, with which KSR itself cannot train or predict "
             "(its memory_read mixes them with float32); cast them to float32 to train it",
@@ -151,8 +161,8 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         ModelSpec("LightSANs", dot_product=_DOT),
         ModelSpec("NARM", dot_product=_DOT),
         ModelSpec("NextItNet", dot_product="seq_only", notes=_WINDOW),
-        ModelSpec("NPE", needs_user=True),
-        ModelSpec("RepeatNet", output="probabilities"),
+        ModelSpec("NPE", needs_user=True, item_table=None),  # scores against relu(item_embedding)
+        ModelSpec("RepeatNet", output="probabilities", item_table=None),  # a repeat/explore decoder
         ModelSpec(
             "S3Rec",
             item_feature_keys=("item_attribute",),
@@ -164,15 +174,17 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "weights replace it)",
         ),
         ModelSpec("SASRec", dot_product=_DOT),
-        ModelSpec("SASRecCPR", target_placeholder=True, output="probabilities", notes=_CPR),
+        ModelSpec(
+            "SASRecCPR", target_placeholder=True, output="probabilities", item_table=_CPR_TABLE, notes=_CPR
+        ),
         ModelSpec("SASRecF", item_feature_keys=("selected_features",), notes=_FEATURES),
         ModelSpec("SHAN", needs_user=True),
         ModelSpec("SINE", dot_product=_DOT, notes=_WINDOW),
         ModelSpec("SRGNN", dot_product=_DOT),
         ModelSpec("STAMP", dot_product=_DOT),
         ModelSpec("TransRec", needs_user=True),
-        ModelSpec("DIN", unsupported=_NO_FULL_SORT),
-        ModelSpec("DIEN", unsupported=_NO_FULL_SORT),
+        ModelSpec("DIN", unsupported=_NO_FULL_SORT, item_table=None),
+        ModelSpec("DIEN", unsupported=_NO_FULL_SORT, item_table=None),
     ]
 }
 

@@ -4,7 +4,11 @@ the popularity fallback and decoding. The HTTP service, the batch scorer and Spa
 the same request gets the same answer whichever way it comes in.
 
 A request is anything with the fields of ``edge.schemas.RecommendRequest`` (``sequence``, ``topk``,
-``user_id``, ``exclude_seen``, ``exclude``, ``candidates``), already validated for shape and types.
+``user_id``, ``exclude_seen``, ``exclude``, ``candidates``, ``filters``, ``explain``), already
+validated for shape and types; a similar-items request has ``edge.schemas.SimilarItemsRequest``'s.
+Filters are checked here against the stored item attributes and travel to the ranker in their
+normalised form (a few values, not an allow-list over the catalogue): the ranker compiles them
+against its own copy of the attributes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from .artifact import Artifact
+from .attributes import FilterError, ItemAttributes
 from .ranking import RankQuery, RankResult, popular_topk, popularity_order
 
 ExternalId = int | str
@@ -27,6 +32,16 @@ class RequestLike(Protocol):
     exclude_seen: bool
     exclude: list[ExternalId]
     candidates: list[ExternalId] | None
+    filters: dict[str, Any] | None
+    explain: bool
+
+
+class SimilarRequestLike(Protocol):
+    items: list[ExternalId]
+    topk: int
+    exclude: list[ExternalId]
+    candidates: list[ExternalId] | None
+    filters: dict[str, Any] | None
 
 
 class RequestError(ValueError):
@@ -38,6 +53,7 @@ class Plan:
     query: RankQuery
     unknown: list[str]  # history items the model does not know, as sent
     fallback: str | None  # why popularity answers ("no_known_items", "unknown_user"); None: the model
+    passing: int | None = None  # with filters: how many items pass them (metrics: selectivity)
 
     @property
     def rankable(self) -> bool:
@@ -57,6 +73,8 @@ class Planner:
         self.max_topk = min(max_topk, self.n_items)
         self.popularity = torch.from_numpy(artifact.popularity)
         self.by_popularity = popularity_order(self.popularity)
+        self.attributes = ItemAttributes.load(artifact.path, len(artifact.item_tokens))
+        self.compile_filter = self.attributes.compile if self.attributes is not None else None
 
     def known(self, ids: list[ExternalId]) -> list[int]:
         """Internal ids of the items the model knows, in order; unknown ids are dropped."""
@@ -64,16 +82,10 @@ class Planner:
 
     def plan(self, req: RequestLike) -> Plan:
         """Map one request to internal ids; RequestError for what this model cannot do."""
-        if req.topk > self.max_topk:
-            raise RequestError(f"topk must be between 1 and {self.max_topk}, got {req.topk}")
-        history: list[int] = []
-        unknown: list[str] = []
-        for raw in req.sequence:
-            internal = self.item_ids.get(str(raw))
-            if internal is None:
-                unknown.append(str(raw))
-            else:
-                history.append(internal)
+        self._check_topk(req.topk)
+        if req.explain:
+            self._need_table("explain")
+        history, unknown = self._split(req.sequence)
         user = None
         if self.spec.needs_user:
             if req.user_id is None:
@@ -82,23 +94,78 @@ class Planner:
         exclude = self.known(req.exclude)
         if req.exclude_seen:
             exclude = exclude + history
-        candidates = None if req.candidates is None else self.known(req.candidates)
         fallback = None
         if not history:
             fallback = "no_known_items"
         elif self.spec.needs_user and user is None:
             fallback = "unknown_user"
-        return Plan(RankQuery(history, req.topk, user, exclude, candidates), unknown, fallback)
+        query = RankQuery(history, req.topk, user, exclude, explain=req.explain)
+        return self._restrict(Plan(query, unknown, fallback), req.candidates, req.filters)
+
+    def plan_similar(self, req: SimilarRequestLike) -> Plan:
+        """Map a similar-items request: the query items are never returned themselves."""
+        self._check_topk(req.topk)
+        self._need_table("/similar_items")
+        items, unknown = self._split(req.items)
+        query = RankQuery(items, req.topk, exclude=self.known(req.exclude) + items, kind="similar")
+        plan = Plan(query, unknown, None if items else "no_known_items")
+        return self._restrict(plan, req.candidates, req.filters)
+
+    def _check_topk(self, topk: int) -> None:
+        if topk > self.max_topk:
+            raise RequestError(f"topk must be between 1 and {self.max_topk}, got {topk}")
+
+    def _need_table(self, what: str) -> None:
+        if self.spec.item_table is None:
+            raise RequestError(
+                f"{what} is not available for {self.spec.name}: it compares items by cosine in the "
+                "item embedding table full_sort_predict scores against, and this model scores "
+                "against none (see the README's model table)"
+            )
+
+    def _split(self, ids: list[ExternalId]) -> tuple[list[int], list[str]]:
+        """(internal ids of the known items in order, the unknown ones as sent)."""
+        known: list[int] = []
+        unknown: list[str] = []
+        for raw in ids:
+            internal = self.item_ids.get(str(raw))
+            if internal is None:
+                unknown.append(str(raw))
+            else:
+                known.append(internal)
+        return known, unknown
+
+    def _restrict(self, plan: Plan, candidates: list[ExternalId] | None, filters: dict | None) -> Plan:
+        """*plan* with the request's allow-lists: candidates in internal ids, filters normalised."""
+        if candidates is not None:
+            plan.query.candidates = self.known(candidates)
+        if filters is not None:
+            if self.attributes is None:
+                raise RequestError(
+                    "filters: this model has no filterable item attributes; import it with "
+                    "--item-features FILE.item (a RecBole atomic item file)"
+                )
+            try:
+                plan.query.filters = self.attributes.normalize(filters)
+            except FilterError as exc:
+                raise RequestError(str(exc)) from None
+            plan.passing = int(self.attributes.compile(plan.query.filters).sum())
+        return plan
 
     def popular(self, plan: Plan) -> RankResult:
         """The popularity fallback's answer to *plan*, masked as the model's answers are."""
-        return popular_topk(self.by_popularity, self.popularity, plan.query)
+        return popular_topk(self.by_popularity, self.popularity, plan.query, self.compile_filter)
 
     def answer(self, plan: Plan, result: RankResult) -> dict[str, Any]:
-        """The response fields (``RecommendResponse``'s) for *plan* answered with *result*."""
-        return {
+        """The response fields for *plan* answered with *result*: ``RecommendResponse``'s, or
+        ``SimilarItemsResponse``'s for a similar-items plan (no ``because``)."""
+        out: dict[str, Any] = {
             "item_list": [self.item_tokens[i] for i in result.items],
             "score_list": result.scores,
             "unknown_items": plan.unknown,
             "fallback": None if plan.rankable else "popular",
         }
+        if plan.query.kind == "next":
+            because = result.because
+            out["because"] = None if because is None else [[self.item_tokens[i] for i in b] for b in because]
+        return out

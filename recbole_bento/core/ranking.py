@@ -6,17 +6,23 @@ all apply it:
 
 * item 0 (RecBole's padding) is never returned;
 * the items of a query's ``exclude`` list are never returned;
-* when a query sets ``candidates``, only those items may be returned.
+* when a query sets ``candidates``, only those items may be returned;
+* when a query sets ``filters``, only the items that pass them may be returned (compiled into an
+  allow-list by the item attributes, ``attributes.ItemAttributes.compile``, and intersected with
+  ``candidates``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 NEG_INF = float("-inf")
+# a normalised filter -> bool [n_items], True where an item passes (ItemAttributes.compile)
+FilterCompiler = Callable[[dict[str, Any]], torch.Tensor]
 
 
 @dataclass
@@ -28,19 +34,29 @@ class RankQuery:
     user: int | None = None
     exclude: list[int] = field(default_factory=list)
     candidates: list[int] | None = None
+    # "next": the model's next items after *history*; "similar": the items most like *history*'s
+    # by cosine in the model's item table
+    kind: Literal["next", "similar"] = "next"
+    filters: dict[str, Any] | None = None  # normalised (ItemAttributes.normalize)
+    explain: bool = False  # also say which history items each returned item is most like
 
 
 @dataclass
 class RankResult:
     items: list[int]
     scores: list[float]
+    because: list[list[int]] | None = None  # per returned item, history items (explain)
 
 
 class BatchMask:
     """Which items each row of a batch of queries may return, over a catalogue of *n_items*."""
 
     def __init__(
-        self, queries: Sequence[RankQuery], n_items: int, device: torch.device | str = "cpu"
+        self,
+        queries: Sequence[RankQuery],
+        n_items: int,
+        device: torch.device | str = "cpu",
+        compile_filter: FilterCompiler | None = None,
     ) -> None:
         self.n_items = n_items
         rows: list[int] = []
@@ -55,9 +71,16 @@ class BatchMask:
         # rows restricted to an allow-list: row -> bool [n_items]
         self.allowed: dict[int, torch.Tensor] = {}
         for row, query in enumerate(queries):
+            allowed = None
             if query.candidates is not None:
                 allowed = torch.zeros(n_items, dtype=torch.bool, device=device)
                 allowed[torch.tensor(query.candidates, dtype=torch.long, device=device)] = True
+            if query.filters:
+                if compile_filter is None:
+                    raise ValueError("a query with filters needs the model's item attributes")
+                passing = compile_filter(query.filters).to(device)  # shared: never modified here
+                allowed = passing if allowed is None else allowed & passing
+            if allowed is not None:
                 self.allowed[row] = allowed
 
     def restricted(self, row: int) -> bool:
@@ -87,9 +110,11 @@ class BatchMask:
         return out
 
 
-def apply_masks(scores: torch.Tensor, queries: Sequence[RankQuery]) -> None:
+def apply_masks(
+    scores: torch.Tensor, queries: Sequence[RankQuery], compile_filter: FilterCompiler | None = None
+) -> None:
     """In place on a [batch, n_items] score matrix: the masks of *queries* (``BatchMask.apply``)."""
-    BatchMask(queries, scores.shape[1], scores.device).apply(scores)
+    BatchMask(queries, scores.shape[1], scores.device, compile_filter).apply(scores)
 
 
 def popularity_order(counts: torch.Tensor) -> torch.Tensor:
@@ -97,12 +122,14 @@ def popularity_order(counts: torch.Tensor) -> torch.Tensor:
     return torch.sort(-counts.double(), stable=True).indices
 
 
-def popular_topk(order: torch.Tensor, counts: torch.Tensor, query: RankQuery) -> RankResult:
+def popular_topk(
+    order: torch.Tensor, counts: torch.Tensor, query: RankQuery, compile_filter: FilterCompiler | None = None
+) -> RankResult:
     """The fallback answer: the query's top-k by training popularity, masked as the model's answers are.
 
     Without an allow-list only the first ``topk + len(exclude) + 1`` items of *order* can be
     needed (at most that many are masked), so the check does not grow with the catalogue."""
-    mask = BatchMask([query], counts.numel())
+    mask = BatchMask([query], counts.numel(), compile_filter=compile_filter)
     if mask.restricted(0):
         pool = order
     else:
