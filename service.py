@@ -29,11 +29,13 @@ from recbole_bento.edge.schemas import (
     RecommendBatchResponse,
     RecommendRequest,
     RecommendResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
 )
 from recbole_bento.settings import SETTINGS
 
 logger = logging.getLogger("recbole_bento")
-API_PATHS = ["/recommend", "/recommend_batch", "/model_info"]
+API_PATHS = ["/recommend", "/recommend_batch", "/similar_items", "/model_info"]
 STARTED = startup.start(SETTINGS, traced_paths=[*API_PATHS, "/rank"])
 MODEL_TAG = STARTED.tag
 DEVICE = STARTED.device
@@ -48,6 +50,7 @@ FAST_ROUTES = fast_path.Routes(
     {
         "/recommend": fast_path.Endpoint(RecommendRequest, RequestPath.recommend),
         "/recommend_batch": fast_path.Endpoint(RecommendBatchRequest, RequestPath.recommend_batch),
+        "/similar_items": fast_path.Endpoint(SimilarItemsRequest, RequestPath.similar_items),
     }
 )
 
@@ -76,8 +79,9 @@ def observed(engine: Engine, queries: list[RankQuery]) -> list[RankResult]:
     logging=ACCESS_LOG,
 )
 class Ranker:
-    """The split topology's model worker: scores whole batches of histories. Only started where
-    ``Recommender`` depends on it (``RECBOLE_BENTO_TOPOLOGY``, edge/topology.py)."""
+    """The split topology's model worker: scores whole batches of histories; similar-items queries
+    ride in the same batches (``RankQuery.kind``). Only started where ``Recommender`` depends on it
+    (``RECBOLE_BENTO_TOPOLOGY``, edge/topology.py)."""
 
     stored_model = BentoModel(MODEL_TAG)
 
@@ -177,6 +181,11 @@ class Recommender:
         body = RecommendBatchRequest.model_construct(requests=requests)
         return await self._respond("/recommend_batch", body)
 
+    @bentoml.api(input_spec=SimilarItemsRequest, output_spec=SimilarItemsResponse)
+    async def similar_items(self, **fields: object) -> Response:
+        """Items most like the given ones: cosine in the model's item table, exact top-k."""
+        return await self._respond("/similar_items", SimilarItemsRequest.model_construct(**fields))
+
     @bentoml.api
     async def model_info(self) -> ModelInfo:
         """What is being served: tag, model, dataset, sizes, inputs, import-time metrics."""
@@ -201,13 +210,20 @@ class Recommender:
                 "max_concurrency": SETTINGS.max_concurrency,
                 "request_timeout_s": SETTINGS.request_timeout_s,
             },
+            similar_items=planner.spec.item_table is not None,
+            filterable_fields=planner.attributes.describe() if planner.attributes else {},
         )
 
 
 # Outermost: Connection: close on every response once the stop signal came (lifecycle.py).
 Recommender.add_asgi_middleware(lifecycle.DrainMiddleware)
-# Refused /recommend* calls by outcome, next to the answered ones counted in _answer (docs/operations.md).
-Recommender.add_asgi_middleware(observability.RefusalMetricsMiddleware, model_tag=MODEL_TAG)
+# Calls per endpoint, and the refused ones by outcome, next to the answered ones counted in
+# RequestPath.answer (docs/operations.md).
+Recommender.add_asgi_middleware(
+    observability.RefusalMetricsMiddleware,
+    model_tag=MODEL_TAG,
+    paths=("/recommend", "/recommend_batch", "/similar_items"),
+)
 # The front door (docs/errors.md): concurrency limit (429 + Retry-After), body size limit (413),
 # one-sentence error bodies, and the accepted/answered count logged at shutdown.
 Recommender.add_asgi_middleware(

@@ -9,6 +9,11 @@ Metrics (every one labelled with ``model_tag``, the stored model being served):
         overloaded    refused with 429 (BentoML's max_concurrency)
         server_error  failed with a 5xx
       An answered /recommend_batch call counts once per entry; a refused call counts once.
+      /similar_items requests count here too.
+    recbole_bento_endpoint_requests_total{endpoint}  HTTP calls per endpoint (/recommend,
+        /recommend_batch, /similar_items), answered or refused: one per call
+    recbole_bento_filter_selectivity        histogram: share of the catalogue that passes a request's
+        filters (requests with filters only)
     recbole_bento_fallbacks_total{reason}   reason: no_known_items | unknown_user
     recbole_bento_history_items_total       history items received in answered requests
     recbole_bento_unknown_items_total       ... of which the model does not know (skipped)
@@ -37,6 +42,7 @@ from typing import Any
 PREFIX = "recbole_bento"
 HISTORY_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+SELECTIVITY_BUCKETS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 RANK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -54,6 +60,15 @@ def _metrics() -> SimpleNamespace:
             f"{PREFIX}_history_length", "Items per request history, as sent", tag, buckets=HISTORY_BUCKETS
         ),
         batch_size=Histogram(f"{PREFIX}_batch_size", "Histories per model call", tag, buckets=BATCH_BUCKETS),
+        endpoint_requests=Counter(
+            f"{PREFIX}_endpoint_requests", "HTTP calls per endpoint, answered or refused", [*tag, "endpoint"]
+        ),
+        filter_selectivity=Histogram(
+            f"{PREFIX}_filter_selectivity",
+            "Share of the catalogue passing a request's filters",
+            tag,
+            buckets=SELECTIVITY_BUCKETS,
+        ),
         rank_seconds=Histogram(
             f"{PREFIX}_rank_seconds", "Wall time of one batched model call", tag, buckets=RANK_BUCKETS
         ),
@@ -70,6 +85,11 @@ def answered(model_tag: str, history_length: int, unknown: int, fallback: str | 
     if unknown:
         m.unknown_items.labels(model_tag).inc(unknown)
     m.history_length.labels(model_tag).observe(history_length)
+
+
+def filtered(model_tag: str, selectivity: float) -> None:
+    """One answered request with filters; *selectivity*: the share of the catalogue passing them."""
+    _metrics().filter_selectivity.labels(model_tag).observe(selectivity)
 
 
 @contextlib.contextmanager
@@ -94,8 +114,8 @@ def refusal_outcome(status: int) -> str | None:
 
 
 class RefusalMetricsMiddleware:
-    """ASGI middleware on the public service: counts refused /recommend and /recommend_batch calls,
-    whatever refused them (request schema, the service's own limits, an exception)."""
+    """ASGI middleware on the public service: counts the calls on each of *paths*, and the refused
+    ones by outcome, whatever refused them (request schema, the service's own limits, an exception)."""
 
     def __init__(self, app: Any, model_tag: str, paths: tuple[str, ...] = ("/recommend", "/recommend_batch")):
         self.app = app
@@ -117,6 +137,7 @@ class RefusalMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            _metrics().endpoint_requests.labels(self.model_tag, scope["path"]).inc()
             outcome = refusal_outcome(status)
             if outcome:
                 _metrics().requests.labels(self.model_tag, outcome).inc()

@@ -1,6 +1,8 @@
 """The public service's request path, free of BentoML's service machinery so that it can be tested
 in process: plan each request (``core.planner``), rank the rankable ones through a ``ModelPort``,
-answer the rest from popularity, decode.
+answer the rest from popularity, decode. Every ranking API is a ``QueryKind`` (its request model, its
+planning function, its response model) down the same path: /recommend and /recommend_batch
+(``RECOMMEND``), /similar_items (``SIMILAR_ITEMS``); the engine ranks both kinds of query in one batch.
 
 Two ports, one per topology (``edge/topology.py``):
 
@@ -21,15 +23,24 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+from pydantic import BaseModel
 from starlette.responses import Response
 
-from ..core.planner import Planner, RequestError
+from ..core.planner import Plan, Planner, RequestError
 from ..core.ranking import RankQuery, RankResult
 from . import observability
 from .batcher import Batcher, Overloaded
-from .schemas import RecommendBatchRequest, RecommendRequest, RecommendResponse
+from .schemas import (
+    RankedItems,
+    RecommendBatchRequest,
+    RecommendRequest,
+    RecommendResponse,
+    SimilarItemsRequest,
+    SimilarItemsResponse,
+)
 
 logger = logging.getLogger("recbole_bento")
 
@@ -139,6 +150,19 @@ class RemoteModel:
         self.down_since = None
 
 
+@dataclass(frozen=True)
+class QueryKind:
+    """What a ranking API asks: how the planner maps its body, and the answer it gives."""
+
+    request: type[BaseModel]
+    plan: Callable[[Planner, Any], Plan]
+    response: type[RankedItems]
+
+
+RECOMMEND = QueryKind(RecommendRequest, Planner.plan, RecommendResponse)
+SIMILAR_ITEMS = QueryKind(SimilarItemsRequest, Planner.plan_similar, SimilarItemsResponse)
+
+
 class RequestPath:
     """Plan, rank (batched), fall back, decode: everything between the API and the model."""
 
@@ -178,27 +202,37 @@ class RequestPath:
             )
         return await self.respond(body.requests, batch=True)
 
-    async def answer(self, requests: list[RecommendRequest]) -> list[RecommendResponse]:
-        """The responses, in order; RequestError, ModelUnavailable or Overloaded otherwise."""
-        plans = [self.planner.plan(r) for r in requests]  # RequestError before anything is batched
+    async def similar_items(self, request: SimilarItemsRequest) -> Response:
+        """POST /similar_items: the items most like the given ones."""
+        return await self.respond([request], batch=False, kind=SIMILAR_ITEMS)
+
+    async def answer(self, requests: Sequence[Any], *, kind: QueryKind = RECOMMEND) -> list[RankedItems]:
+        """The answers of *kind* to *requests* (its request model), in order; RequestError,
+        ModelUnavailable or Overloaded otherwise. Queries of either kind share the model's batches."""
+        plans = [kind.plan(self.planner, r) for r in requests]  # RequestError before any batching
         to_rank = [p.query for p in plans if p.rankable]
         if len(to_rank) == 1:
             ranked = iter([await self._batched(to_rank[0])])
         else:
             ranked = iter(await self.model.rank(to_rank) if to_rank else [])
         out = []
-        for req, plan in zip(requests, plans, strict=True):
+        for plan in plans:
             result = next(ranked) if plan.rankable else self.planner.popular(plan)
             # built from our own values: nothing to validate
-            out.append(RecommendResponse.model_construct(**self.planner.answer(plan, result)))
-            observability.answered(self.model_tag, len(req.sequence), len(plan.unknown), plan.fallback)
+            out.append(kind.response.model_construct(**self.planner.answer(plan, result)))
+            sent = len(plan.query.history) + len(plan.unknown)
+            observability.answered(self.model_tag, sent, len(plan.unknown), plan.fallback)
+            if plan.passing is not None:
+                observability.filtered(self.model_tag, plan.passing / self.planner.n_items)
         return out
 
-    async def respond(self, requests: list[RecommendRequest], *, batch: bool) -> Response:
+    async def respond(
+        self, requests: Sequence[Any], *, batch: bool, kind: QueryKind = RECOMMEND
+    ) -> Response:
         """One HTTP response: 200 with the answer (``{"results": [...]}`` for a *batch*), or the 503
         a refusal gets. RequestError propagates: the service refuses it as BentoML does (400)."""
         try:
-            answers = await self.answer(requests)
+            answers = await self.answer(requests, kind=kind)
         except ModelUnavailable as exc:
             return error_response(503, str(exc), retry_after_s=self.retry_after_s)
         except Overloaded:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
@@ -16,6 +16,33 @@ IdList = Annotated[list[ItemId], Field(max_length=SETTINGS.max_history)]
 # OpenAPI 3.0's "nullable" on an optional field: BentoML's /docs.json keeps only the first branch of
 # its anyOf, so without it the published schema says the field is never null.
 NULLABLE: dict = {"json_schema_extra": {"nullable": True}}
+# Checked by the planner against the model's attributes (its 400 names the filterable fields); the
+# schema documents the shape. OpenAPI 3.0 "nullable", as for fallback below.
+Filters = Annotated[
+    dict[str, Any] | None,
+    WithJsonSchema(
+        {
+            "type": "object",
+            "nullable": True,
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                    {
+                        "type": "object",
+                        "properties": {"gte": {"type": "number"}, "lte": {"type": "number"}},
+                        "additionalProperties": False,
+                    },
+                ]
+            },
+        }
+    ),
+    Field(
+        description="only items whose attributes pass (POST /model_info lists the filterable fields): "
+        "a token field passes when its value is listed, a token_seq field when any of its values is, "
+        'a float field takes {"gte": lo, "lte": hi}; several fields must all pass',
+        examples=[{"class": ["Comedy", "Drama"], "release_year": ["1995"], "price": {"gte": 0, "lte": 20}}],
+    ),
+]
 
 
 class RecommendRequest(BaseModel):
@@ -29,6 +56,10 @@ class RecommendRequest(BaseModel):
     candidates: IdList | None = Field(
         None, description="if set, only these items may be returned", **NULLABLE
     )
+    filters: Filters = None
+    explain: StrictBool = Field(
+        False, description="also answer because: per returned item, the history items most like it"
+    )
 
 
 class RecommendBatchRequest(BaseModel):
@@ -39,7 +70,21 @@ class RecommendBatchRequest(BaseModel):
     requests: list[RecommendRequest] = Field(description="/recommend bodies, answered in this order")
 
 
-class RecommendResponse(BaseModel):
+class SimilarItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: IdList = Field(description="the items to find similar ones for (the query: their mean direction)")
+    topk: StrictInt = Field(10, ge=1, le=SETTINGS.max_topk, description="how many items to return")
+    exclude: IdList = Field(
+        default_factory=list, description="items never to return (the query items never are)"
+    )
+    candidates: IdList | None = Field(
+        None, description="if set, only these items may be returned", **NULLABLE
+    )
+    filters: Filters = None
+
+
+class RankedItems(BaseModel):
     item_list: list[str] = Field(description="external item ids, best first")
     score_list: list[float] = Field(description="the model's scores (popularity counts on fallback)")
     unknown_items: list[str] = Field(description="history items the model does not know (skipped)")
@@ -48,6 +93,23 @@ class RecommendResponse(BaseModel):
     fallback: Annotated[
         Literal["popular"] | None, WithJsonSchema({"type": "string", "enum": ["popular"], "nullable": True})
     ] = Field(description='"popular" when no known history item (or user) was left to rank with')
+
+
+class SimilarItemsResponse(RankedItems):
+    """score_list: cosine similarity with the query in the model's item table."""
+
+
+class RecommendResponse(RankedItems):
+    because: Annotated[
+        list[list[str]] | None,
+        WithJsonSchema(
+            {"type": "array", "items": {"type": "array", "items": {"type": "string"}}, "nullable": True}
+        ),
+    ] = Field(
+        description="with explain: per returned item (aligned with item_list), up to 3 distinct items "
+        "of the known history most like it by cosine in the model's item table, most similar first; "
+        "null without explain and on the fallback"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -60,6 +122,10 @@ class ModelInfo(BaseModel):
     device: str
     metrics: dict[str, float | str | None]
     limits: dict[str, int]
+    similar_items: bool = Field(description="whether /similar_items and explain are available")
+    filterable_fields: dict[str, dict[str, Any]] = Field(
+        description="per field: its type (token, token_seq, float) and a few example values"
+    )
 
 
 class RecommendBatchResponse(BaseModel):
