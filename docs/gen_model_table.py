@@ -1,4 +1,4 @@
-"""Write the model table (model · inputs needed · parity · notes) from the last test run.
+"""Write the model table (model · inputs needed · item table · parity · notes) from the last test run.
 
     python -m pytest tests/test_models.py          # writes build/model-parity.json
     python docs/gen_model_table.py                 # writes docs/model_table.md
@@ -48,6 +48,11 @@ def _inputs(spec: Any) -> str:
     return needed + (f"; stored at import: {', '.join(stored)}" if stored else "")
 
 
+def _table(spec: Any) -> str:
+    """The item table /similar_items and explanations use (ModelSpec.item_table), or a dash."""
+    return f"`{spec.item_table}`" if spec.item_table and not spec.unsupported else "—"
+
+
 def _notes(spec: Any) -> str:
     if spec.unsupported:
         return f"{spec.name} {spec.unsupported}"
@@ -61,12 +66,13 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     from recbole_bento.core.models import MODEL_SPECS
 
     lines = [
-        "| Model | Inputs needed | Parity with RecBole `full_sort_scores` | Notes |",
-        "|---|---|---|---|",
+        "| Model | Inputs needed | Item table (`/similar_items`, `explain`) "
+        "| Parity with RecBole `full_sort_scores` | Notes |",
+        "|---|---|---|---|---|",
     ]
     for name in sorted(MODEL_SPECS, key=lambda n: (MODEL_SPECS[n].unsupported is not None, n.lower())):
         spec = MODEL_SPECS[name]
-        cells = [name, _inputs(spec), _parity(spec, results.get(name)), _notes(spec)]
+        cells = [name, _inputs(spec), _table(spec), _parity(spec, results.get(name)), _notes(spec)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     supported = [n for n, s in MODEL_SPECS.items() if not s.unsupported]
     passed = sum(1 for n in supported if results.get(n, {}).get("parity") == "pass")
@@ -77,7 +83,9 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         "`case_study.full_sort_scores` on the same checkpoint, scores within 1e-4, tied items may "
         "swap; *engine* = the runner's code path in-process, *HTTP* = through `bentoml serve`). "
         "Models that need `user_id` answer 400 without one and the popularity fallback "
-        '(`"fallback": "popular"`) for a user they do not know.',
+        '(`"fallback": "popular"`) for a user they do not know. The item table is the one '
+        "`full_sort_predict` scores against; models without a plain one (a transformed table, two "
+        "tables, a decoder) answer 400 to `/similar_items` and `explain`.",
     ]
     replays = [(n, r["replay"]) for n, r in sorted(results.items()) if isinstance(r, dict) and "replay" in r]
     if replays:
