@@ -92,12 +92,10 @@ class Engine:
         self.block = block_ranker(self, block_items)
         # the item table with unit rows (None: the model has none): cosine = dot product
         self.unit = unit_table(self.model, artifact.spec.item_table, self.n_items)
+        # ... ranked by a block top-k of its own where the model's would be (same conditions)
         self.similar_block = None
-        if self.unit is not None and block_items > 0 and self.device.type == "cpu":
-            if self.n_items >= 4 * block_items:
-                self.similar_block = BlockTopK(
-                    self.unit, self.n_items, block_items, min_scores=64 * block_items
-                )
+        if self.unit is not None and 0 < 4 * block_items <= self.n_items and self.device.type == "cpu":
+            self.similar_block = BlockTopK(self.unit, self.n_items, block_items, min_scores=64 * block_items)
 
     def interaction(self, queries: Sequence[RankQuery]) -> Interaction:
         seq, lengths = pad_histories([q.history for q in queries], self.artifact.window)
