@@ -405,6 +405,11 @@ def test_explanations_match_numpy(shop):
         {"requests": [{"sequence": history, "explain": True}, {"sequence": history}]},
     ).json()["results"]
     assert batch[0]["because"] == got["because"] and batch[1]["because"] is None
+    with bentoml.SyncHTTPClient(shop.url) as client:  # BentoML's own client decodes both answers
+        assert client.recommend(sequence=history, topk=10, explain=True) == got
+        assert client.recommend(sequence=history, topk=10)["because"] is None
+        similar = post(shop.url, "/similar_items", {"items": ["50"], "topk": 3}).json()
+        assert client.similar_items(items=["50"], topk=3) == similar
 
 
 def test_bad_filters_are_400_naming_the_fields_and_model_info_lists_them(shop, sasrec_server):

@@ -100,10 +100,15 @@ class SimilarItemsResponse(RankedItems):
 
 
 class RecommendResponse(RankedItems):
+    # oneOf, not anyOf or "type": "array": BentoML's client decodes an array-typed field by
+    # iterating it (a null would fail) and keeps only the first branch of an anyOf
     because: Annotated[
         list[list[str]] | None,
         WithJsonSchema(
-            {"type": "array", "items": {"type": "array", "items": {"type": "string"}}, "nullable": True}
+            {
+                "oneOf": [{"type": "array", "items": {"type": "array", "items": {"type": "string"}}}],
+                "nullable": True,
+            }
         ),
     ] = Field(
         description="with explain: per returned item (aligned with item_list), up to 3 distinct items "
