@@ -23,6 +23,8 @@ OURS = (
     "recbole_bento_history_length",
     "recbole_bento_batch_size",
     "recbole_bento_rank_seconds",
+    "recbole_bento_endpoint_requests_total",
+    "recbole_bento_filter_selectivity",
 )
 
 
