@@ -1,48 +1,69 @@
 """The public service's request path in process, with stub models: batching, planning, the
-popularity fallback, the answers to a dead or overloaded model, the topology rule and the drain
-header. No server: what needs one is in test_load_shutdown.py."""
+popularity fallback, /similar_items and filters down the same path, the answers to a dead or
+overloaded model, the topology rule and the drain header. No server: what needs one is in
+test_load_shutdown.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
+from recbole_bento.core import attributes
 from recbole_bento.core.models import spec_for
 from recbole_bento.core.planner import Planner, RequestError
-from recbole_bento.core.ranking import RankQuery, RankResult
-from recbole_bento.edge import lifecycle, topology
+from recbole_bento.core.ranking import BatchMask, FilterCompiler, RankQuery, RankResult
+from recbole_bento.edge import lifecycle, observability, topology
 from recbole_bento.edge.batcher import Batcher, Overloaded
-from recbole_bento.edge.request_path import LocalModel, ModelUnavailable, RemoteModel, RequestPath
-from recbole_bento.edge.schemas import RecommendRequest
+from recbole_bento.edge.request_path import (
+    SIMILAR_ITEMS,
+    LocalModel,
+    ModelUnavailable,
+    RemoteModel,
+    RequestPath,
+)
+from recbole_bento.edge.schemas import RecommendRequest, SimilarItemsRequest, SimilarItemsResponse
 from recbole_bento.settings import Settings
 
 ITEMS = ["[PAD]", "a", "b", "c", "d", "e"]
 POPULARITY = np.array([0, 5, 40, 30, 20, 10], dtype=np.float32)
+# item_attributes.json as the importer stores it: colour x for a, c, e; y for b, d
+COLOURS = {"colour": {"type": "token", "vocab": ["x", "y"], "values": [-1, 0, 1, 0, 1, 0]}}
 
 
-def planner(model: str = "SASRec") -> Planner:
+def planner(model: str = "SASRec", directory: Path | None = None) -> Planner:
+    """A Planner over ITEMS; with the item attributes stored in *directory* if given."""
     artifact = SimpleNamespace(
-        spec=spec_for(model), item_tokens=ITEMS, user_tokens=["[PAD]", "u1"], popularity=POPULARITY
+        spec=spec_for(model),
+        item_tokens=ITEMS,
+        user_tokens=["[PAD]", "u1"],
+        popularity=POPULARITY,
+        path=directory or Path(__file__).parent,  # no item_attributes.json there: no attributes
     )
     return Planner(artifact, max_topk=1000)  # type: ignore[arg-type]
 
 
 class StubModel:
-    """Ranks by internal id, descending; records each call's batch."""
+    """Ranks by internal id, descending, under the queries' masks (the engine's BatchMask, filters
+    compiled by *compile_filter*); records each call's batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, compile_filter: FilterCompiler | None = None) -> None:
         self.calls: list[list[RankQuery]] = []
+        self.compile_filter = compile_filter
 
     def rank_many(self, queries: list[RankQuery]) -> list[RankResult]:
         self.calls.append(list(queries))
+        mask = BatchMask(queries, len(ITEMS), compile_filter=self.compile_filter)
+        ids = torch.arange(len(ITEMS) - 1, 0, -1).expand(len(queries), -1)
         out = []
-        for q in queries:
-            items = [i for i in range(len(ITEMS) - 1, 0, -1) if i not in q.exclude][: q.topk]
+        for q, blocked in zip(queries, mask.blocked(ids), strict=True):
+            items = ids[0][~blocked].tolist()[: q.topk]
             out.append(RankResult(items, [float(i) for i in items]))
         return out
 
@@ -51,9 +72,13 @@ def request(**fields: object) -> RecommendRequest:
     return RecommendRequest(**{"sequence": ["a"], "topk": 3, **fields})
 
 
-def path_with(model, **kw) -> RequestPath:
+def similar(**fields: object) -> SimilarItemsRequest:
+    return SimilarItemsRequest(**{"items": ["a"], "topk": 3, **fields})
+
+
+def path_with(model, planned: Planner | None = None, **kw) -> RequestPath:
     options = {"max_batch": 64, "max_wait_s": 10.0, "concurrency": 1, "retry_after_s": 2} | kw
-    return RequestPath(planner(), model, model_tag="stub:1", **options)
+    return RequestPath(planned or planner(), model, model_tag="stub:1", **options)
 
 
 # ------------------------------------------------------------------ batcher
@@ -138,17 +163,100 @@ def test_respond_bodies_single_and_batch():
     async def scenario():
         one = await path.respond([request(topk=1)], batch=False)
         many = await path.respond([request(topk=1), request(sequence=[], topk=1)], batch=True)
-        return one, many
+        alike = await path.respond([similar(topk=1)], batch=False, endpoint=SIMILAR_ITEMS)
+        return one, many, alike
 
-    one, many = asyncio.run(scenario())  # one event loop, as in a worker
+    one, many, alike = asyncio.run(scenario())  # one event loop, as in a worker
     assert one.status_code == 200 and json.loads(one.body) == {
         "item_list": ["e"],
         "score_list": [5.0],
         "unknown_items": [],
         "fallback": None,
+        "because": None,
     }
     results = json.loads(many.body)["results"]
     assert [r["item_list"] for r in results] == [["e"], ["b"]] and results[1]["fallback"] == "popular"
+    assert alike.status_code == 200 and json.loads(alike.body) == {
+        "item_list": ["e"],
+        "score_list": [5.0],
+        "unknown_items": [],
+        "fallback": None,
+    }
+
+
+# ------------------------------------------------------------------ /similar_items and filters
+
+
+def test_similar_items_share_the_batches_of_recommendations():
+    stub = StubModel()
+    path = path_with(LocalModel(stub.rank_many, "cpu"))
+
+    async def scenario():
+        return await asyncio.gather(
+            path.answer([request(sequence=["a"], topk=2)]),
+            path.answer([similar(items=["e", "zz"], topk=2, exclude=["c"])], endpoint=SIMILAR_ITEMS),
+            path.answer([similar(items=["zz"], topk=2, exclude=["b"])], endpoint=SIMILAR_ITEMS),
+        )
+
+    (recommended,), (alike,), (unknown,) = asyncio.run(scenario())
+    assert [[q.kind for q in c] for c in stub.calls] == [["next", "similar"]]  # one model call
+    assert type(alike) is SimilarItemsResponse and "because" not in alike.model_dump()
+    # the query items never come back, nor exclude; unknown ones are listed
+    assert alike.item_list == ["d", "b"] and alike.unknown_items == ["zz"] and alike.fallback is None
+    assert recommended.item_list == ["e", "d"] and recommended.because is None
+    # no known query item: popularity, masked as the model's answers are, no model call
+    assert unknown.item_list == ["c", "d"] and unknown.fallback == "popular"
+    assert unknown.score_list == [30.0, 20.0]
+
+
+def test_similar_items_and_explain_refused_before_batching_without_an_item_table():
+    stub = StubModel()
+    path = path_with(LocalModel(stub.rank_many, "cpu"), planned=planner("RepeatNet"))
+    with pytest.raises(RequestError, match="/similar_items is not available for RepeatNet"):
+        asyncio.run(path.answer([similar()], endpoint=SIMILAR_ITEMS))
+    with pytest.raises(RequestError, match="explain is not available for RepeatNet"):
+        asyncio.run(path.answer([request(), request(explain=True)]))
+    assert stub.calls == []
+
+
+@pytest.fixture
+def colours(tmp_path: Path) -> Planner:
+    (tmp_path / attributes.FILE).write_text(json.dumps(COLOURS))
+    return planner(directory=tmp_path)
+
+
+def test_filters_reach_the_model_normalised_and_mask_the_fallback_alike(colours, monkeypatch):
+    stub = StubModel(colours.compile_filter)
+    path = path_with(LocalModel(stub.rank_many, "cpu"), planned=colours)
+    observed = []
+    monkeypatch.setattr(observability, "filtered", lambda tag, share: observed.append((tag, share)))
+
+    async def scenario():
+        recommended = await path.answer(
+            [
+                request(topk=5, filters={"colour": ["x", "x"]}),
+                request(sequence=["zz"], filters={"colour": ["y"]}),
+            ]
+        )
+        alike = await path.answer([similar(items=["c"], filters={"colour": ["x"]})], endpoint=SIMILAR_ITEMS)
+        return recommended, alike
+
+    (model, fallback), (alike,) = asyncio.run(scenario())
+    assert [q.filters for c in stub.calls for q in c] == [{"colour": ["x"]}] * 2
+    assert model.item_list == ["e", "c", "a"]  # fewer than topk pass: all of them, nothing else
+    assert fallback.item_list == ["b", "d"] and fallback.fallback == "popular"
+    assert alike.item_list == ["e", "a"]
+    assert observed == [("stub:1", 3 / 5), ("stub:1", 2 / 5), ("stub:1", 3 / 5)]
+
+
+def test_bad_filters_refused_before_batching_naming_the_fields(colours):
+    stub = StubModel(colours.compile_filter)
+    path = path_with(LocalModel(stub.rank_many, "cpu"), planned=colours)
+    with pytest.raises(RequestError, match=r"unknown field 'size'.*filterable fields: colour \(token\)"):
+        asyncio.run(path.answer([request(), request(filters={"size": ["L"]})]))
+    with pytest.raises(RequestError, match="this model has no filterable item attributes"):
+        asyncio.run(path_with(LocalModel(stub.rank_many, "cpu")).answer([request(filters={"colour": ["x"]})]))
+    assert stub.calls == []
 
 
 # ------------------------------------------------------------------ a dead model worker
@@ -185,6 +293,7 @@ def test_dead_model_worker_gives_503_with_retry_after_one_log_line_each_way(capl
 
     async def scenario():
         refused = [await path.respond([request()], batch=False) for _ in range(20)]
+        refused.append(await path.respond([similar()], batch=False, endpoint=SIMILAR_ITEMS))
         ready_while_down = await remote.ready()
         calls_while_down = ranker.calls
         ranker.alive = True
