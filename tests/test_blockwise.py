@@ -56,7 +56,8 @@ def assert_same(got, want, queries: list[RankQuery]) -> None:
 
 def random_queries(n_items: int, batch: int, gen: torch.Generator, best: list[list[int]]) -> list[RankQuery]:
     """A mix of plain rows, rows excluding their own best items, and candidate rows (with
-    duplicates, the padding item, and an empty candidate list)."""
+    duplicates, the padding item, an empty candidate list, and one of about an eighth of the
+    catalogue: over ``BlockTopK.direct_items`` where that is a sixteenth, so it goes through pass 1)."""
     queries = []
     for row in range(batch):
         topk = [1, 5, 10, 20][row % 4]
@@ -68,8 +69,10 @@ def random_queries(n_items: int, batch: int, gen: torch.Generator, best: list[li
             cand = torch.randint(0, n_items, (30,), generator=gen).tolist()
             query.candidates = cand + cand[:5] + [0]
             query.exclude = cand[:3]
-        elif kind == 3:
+        elif kind == 3 and row % 10 == 3:
             query.candidates = []
+        elif kind == 3:
+            query.candidates = torch.randint(1, n_items, (n_items // 8,), generator=gen).tolist()
         elif kind == 4:
             query.exclude = [0, 1, n_items - 1]
         queries.append(query)

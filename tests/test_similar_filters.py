@@ -171,10 +171,13 @@ def test_popularity_fallback_is_filtered(stored, attrs, tmp_path):
     assert popular_topk(planner.by_popularity, planner.popularity, plan.query, attrs.compile).items == [3]
 
 
-@pytest.mark.parametrize("share", [0.001, 0.01, 0.3])
-def test_block_topk_with_a_selective_filter_is_exact(share):
-    """Allow-lists of one block or less are re-scored directly, larger ones go through pass 1 with
-    the mask: both must equal the masked brute-force top-k."""
+@pytest.mark.parametrize(
+    ("share", "direct"),
+    [(0.001, True), (0.01, True), (0.05, True), (0.3, False)],  # 0.05: over a block, under n / 16
+)
+def test_block_topk_with_a_selective_filter_is_exact(share, direct):
+    """Allow-lists of up to a sixteenth of the table are re-scored directly, larger ones go through
+    pass 1 with the mask: both must equal the masked brute-force top-k."""
     gen = torch.Generator().manual_seed(3)
     n, dim = 40_000, 16
     table = torch.randn(n, dim, generator=gen)
@@ -191,8 +194,11 @@ def test_block_topk_with_a_selective_filter_is_exact(share):
     ]
     q = torch.randn(len(queries), dim, generator=gen)
     block = BlockTopK(table, n, block_items=1024, low_precision=False)
+    select, scanned = block._select, []  # pass 1's chunk selection, on the rows it scans
+    block._select = lambda rows, *rest: scanned.append(rows.shape[0]) or select(rows, *rest)
     got = block.topk(q, queries, 10, force=True, compile_filter=compile_filter)
     assert got is not None
+    assert scanned == [1 if direct else 3]  # the unfiltered row always goes through pass 1
     scores = q @ table.T
     apply_masks(scores, queries, compile_filter)
     want = torch.topk(scores, 10, dim=1)
