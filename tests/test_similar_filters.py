@@ -2,8 +2,9 @@
 
 In-process: filter compilation and validation, the fallback and the block top-k with filters,
 attributes read from a Dataset vs from the atomic file. Over HTTP (one SASRec server with the
-ml-100k item attributes, one GRU4Rec server): parity with numpy cosine over the stored table, with
-RecBole's own full_sort_predict scores under a filter, and explanations recomputed with numpy.
+ml-100k item attributes, in-process; one GRU4Rec server, split): parity with numpy cosine over the
+stored table, with RecBole's own full_sort_predict scores under a filter, and explanations
+recomputed with numpy.
 """
 
 from __future__ import annotations
@@ -336,11 +337,14 @@ def test_similar_items_match_numpy_cosine_sasrec(shop):
     _check_similar(shop.url, shop.table, shop.tokens)
 
 
-def test_similar_items_match_numpy_cosine_gru4rec(train_tiny):
+def test_similar_items_match_numpy_cosine_gru4rec_split(train_tiny):
+    """Split topology (SASRec's server runs in-process, the default here): similar-items queries
+    travel to the Ranker service and back."""
     gru = train_tiny("GRU4Rec", MAX_ITEM_LIST_LENGTH=10)
     tag = import_ok(gru.checkpoint, "--dataset-pickle", gru.dataset_pickle)
-    with serving(tag) as url:
+    with serving(tag, RECBOLE_BENTO_TOPOLOGY="split") as url:
         _check_similar(url, _unit_table(tag), _tokens(tag))
+    assert "topology split" in serving.last_log  # type: ignore[attr-defined]
 
 
 def test_similar_items_exclude_candidates_filters_and_fallback(shop):
