@@ -206,7 +206,7 @@ def test_routing_errors_are_json(sasrec_server):
     assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
     assert unknown.json() == {
         "error": "GET /recomend: no such endpoint; the API is POST /recommend, POST /recommend_batch, "
-        "POST /model_info, documented at /docs"
+        "POST /similar_items, POST /model_info, documented at /docs"
     }
     wrong = httpx.get(f"{sasrec_server}/recommend", timeout=30)
     assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"

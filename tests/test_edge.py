@@ -257,6 +257,13 @@ def test_bad_filters_refused_before_batching_naming_the_fields(colours):
     with pytest.raises(RequestError, match="this model has no filterable item attributes"):
         asyncio.run(path_with(LocalModel(stub.rank_many, "cpu")).answer([request(filters={"colour": ["x"]})]))
     assert stub.calls == []
+    # an empty filter sets no condition: no filter, with attributes or without
+    for planned in (colours, planner()):
+        (answer,) = asyncio.run(
+            path_with(LocalModel(stub.rank_many, "cpu"), planned).answer([request(filters={})])
+        )
+        assert answer.item_list == ["e", "d", "c"]
+    assert [q.filters for c in stub.calls for q in c] == [None, None]
 
 
 # ------------------------------------------------------------------ a dead model worker

@@ -136,10 +136,12 @@ class Planner:
         return known, unknown
 
     def _restrict(self, plan: Plan, candidates: list[ExternalId] | None, filters: dict | None) -> Plan:
-        """*plan* with the request's allow-lists: candidates in internal ids, filters normalised."""
+        """*plan* with the request's allow-lists: candidates in internal ids, filters normalised.
+        An empty filter sets no condition, so it is no filter, on any model: the published schema
+        accepts ``{}`` whatever the model's attributes."""
         if candidates is not None:
             plan.query.candidates = self.known(candidates)
-        if filters is not None:
+        if filters:
             if self.attributes is None:
                 raise RequestError(
                     "filters: this model has no filterable item attributes; import it with "
