@@ -226,9 +226,7 @@ class RequestPath:
                 observability.filtered(self.model_tag, plan.passing / self.planner.n_items)
         return out
 
-    async def respond(
-        self, requests: Sequence[Any], *, batch: bool, kind: QueryKind = RECOMMEND
-    ) -> Response:
+    async def respond(self, requests: Sequence[Any], *, batch: bool, kind: QueryKind = RECOMMEND) -> Response:
         """One HTTP response: 200 with the answer (``{"results": [...]}`` for a *batch*), or the 503
         a refusal gets. RequestError propagates: the service refuses it as BentoML does (400)."""
         try:
