@@ -163,7 +163,7 @@ def test_respond_bodies_single_and_batch():
     async def scenario():
         one = await path.respond([request(topk=1)], batch=False)
         many = await path.respond([request(topk=1), request(sequence=[], topk=1)], batch=True)
-        alike = await path.respond([similar(topk=1)], batch=False, endpoint=SIMILAR_ITEMS)
+        alike = await path.respond([similar(topk=1)], batch=False, kind=SIMILAR_ITEMS)
         return one, many, alike
 
     one, many, alike = asyncio.run(scenario())  # one event loop, as in a worker
@@ -194,8 +194,8 @@ def test_similar_items_share_the_batches_of_recommendations():
     async def scenario():
         return await asyncio.gather(
             path.answer([request(sequence=["a"], topk=2)]),
-            path.answer([similar(items=["e", "zz"], topk=2, exclude=["c"])], endpoint=SIMILAR_ITEMS),
-            path.answer([similar(items=["zz"], topk=2, exclude=["b"])], endpoint=SIMILAR_ITEMS),
+            path.answer([similar(items=["e", "zz"], topk=2, exclude=["c"])], kind=SIMILAR_ITEMS),
+            path.answer([similar(items=["zz"], topk=2, exclude=["b"])], kind=SIMILAR_ITEMS),
         )
 
     (recommended,), (alike,), (unknown,) = asyncio.run(scenario())
@@ -213,7 +213,7 @@ def test_similar_items_and_explain_refused_before_batching_without_an_item_table
     stub = StubModel()
     path = path_with(LocalModel(stub.rank_many, "cpu"), planned=planner("RepeatNet"))
     with pytest.raises(RequestError, match="/similar_items is not available for RepeatNet"):
-        asyncio.run(path.answer([similar()], endpoint=SIMILAR_ITEMS))
+        asyncio.run(path.answer([similar()], kind=SIMILAR_ITEMS))
     with pytest.raises(RequestError, match="explain is not available for RepeatNet"):
         asyncio.run(path.answer([request(), request(explain=True)]))
     assert stub.calls == []
@@ -238,7 +238,7 @@ def test_filters_reach_the_model_normalised_and_mask_the_fallback_alike(colours,
                 request(sequence=["zz"], filters={"colour": ["y"]}),
             ]
         )
-        alike = await path.answer([similar(items=["c"], filters={"colour": ["x"]})], endpoint=SIMILAR_ITEMS)
+        alike = await path.answer([similar(items=["c"], filters={"colour": ["x"]})], kind=SIMILAR_ITEMS)
         return recommended, alike
 
     (model, fallback), (alike,) = asyncio.run(scenario())
@@ -300,7 +300,7 @@ def test_dead_model_worker_gives_503_with_retry_after_one_log_line_each_way(capl
 
     async def scenario():
         refused = [await path.respond([request()], batch=False) for _ in range(20)]
-        refused.append(await path.respond([similar()], batch=False, endpoint=SIMILAR_ITEMS))
+        refused.append(await path.respond([similar()], batch=False, kind=SIMILAR_ITEMS))
         ready_while_down = await remote.ready()
         calls_while_down = ranker.calls
         ranker.alive = True

@@ -159,8 +159,11 @@ class QueryKind:
     response: type[RankedItems]
 
 
-RECOMMEND = QueryKind(RecommendRequest, Planner.plan, RecommendResponse)
-SIMILAR_ITEMS = QueryKind(SimilarItemsRequest, Planner.plan_similar, SimilarItemsResponse)
+# The planner's methods are looked up on the instance at each call, as any other call site would.
+RECOMMEND = QueryKind(RecommendRequest, lambda planner, req: planner.plan(req), RecommendResponse)
+SIMILAR_ITEMS = QueryKind(
+    SimilarItemsRequest, lambda planner, req: planner.plan_similar(req), SimilarItemsResponse
+)
 
 
 class RequestPath:
