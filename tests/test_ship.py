@@ -253,6 +253,7 @@ def test_exported_bento_serves_the_same_topk_outside_the_repo(cpu_bento, sasrec_
         RECBOLE_BENTO_MODEL="",
         BENTOML_HOME=str(empty_home),
         BENTO_PATH=str(context),
+        RECBOLE_BENTO_ACCESS_LOG="1",  # off as shipped; on here to check its lines are JSON too
         **image_envs,
     ) as url:
         info = httpx.post(f"{url}/model_info", json={}, timeout=60).json()
