@@ -45,9 +45,11 @@ install-dev: $(VENV)/.dev java
 $(DEMO)/SASRec.pth: | $(VENV)/.runtime
 	$(BIN)/python -m devtools.training --model SASRec --out $(DEMO)
 
-# Imported once; `make serve` then serves this tag (re-imported only if the store lost it).
+# Imported once; `make serve` then serves this tag (re-imported only if the store lost it). The
+# genres and release years of ml-100k.item (shipped with recbole) become filterable attributes.
 $(DEMO)/tag: $(DEMO)/SASRec.pth
 	$(BIN)/python import_model.py $(DEMO)/SASRec.pth --dataset-pickle $(DEMO)/ml-100k-SASRec-dataset.pkl \
+		--item-features "$$($(BIN)/python -c 'import devtools.training as t; print(t.RECBOLE_DATASETS / "ml-100k" / "ml-100k.item")')" \
 		--name sasrec-ml-100k --label source=demo > $@.tmp
 	mv $@.tmp $@
 
