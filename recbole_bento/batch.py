@@ -117,8 +117,6 @@ def check_request_fields(planner: Planner, options: Options) -> dict[str, Any]:
     --filters stops the run before any row is read. Returns them for ``Scorer``."""
     fixed: dict[str, Any] = {"topk": options.topk, "exclude_seen": options.exclude_seen}
     if options.filters is not None:
-        if "filters" not in RecommendRequest.model_fields:
-            raise BatchError("this version's requests have no filters field: drop --filters")
         fixed["filters"] = options.filters
     probe = {"sequence": [], "user_id": 0, **fixed}  # user 0: unknown, so the user rule is not hit
     try:
@@ -236,7 +234,8 @@ class Scorer:
                 bad.append((number, plan))
                 continue
             result = next(ranked) if plan.rankable else self.planner.popular(plan)
-            answers.append(self.planner.answer(plan, result))
+            answer = self.planner.answer(plan, result)
+            answers.append({name: answer[name] for name in ADDED.names})  # the same columns in every format
             keep.append(i)
         data = pending.chunk.data
         if isinstance(data, list):

@@ -238,7 +238,8 @@ def test_killed_run_leaves_no_output(tmp_path, sasrec_tag, rows):
         ({"--topk": "0"}, "topk: Input should be greater than or equal to 1"),
         ({"--topk": "100000"}, "topk: Input should be less than or equal to"),
         ({"--input": "{tmp}/broken.parquet"}, "broken.parquet"),
-        ({"--filters": "{}"}, "no filters field"),
+        ({"--filters": '{"class": ["Comedy"]}'}, "filters: this model has no filterable item attributes"),
+        ({"--filters": '["Comedy"]'}, "filters"),
     ],
 )
 def test_one_line_errors(tmp_path, sasrec_tag, rows, capsys, change, message):
