@@ -8,6 +8,7 @@ setting, ``RECBOLE_BENTO_TOPOLOGY``, defaults picked from what is served (edge/t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import aiohttp
 import bentoml
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from recbole_bento.core import store
+from recbole_bento.core.attributes import ItemAttributes
 from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
@@ -25,12 +27,11 @@ from recbole_bento.edge import bentoml_compat, fast_path, guard, lifecycle, obse
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
 from recbole_bento.edge.schemas import (
     ModelInfo,
-    RecommendBatchRequest,
     RecommendBatchResponse,
     RecommendRequest,
     RecommendResponse,
-    SimilarItemsRequest,
     SimilarItemsResponse,
+    requests_for,
 )
 from recbole_bento.settings import SETTINGS
 
@@ -38,6 +39,11 @@ logger = logging.getLogger("recbole_bento")
 API_PATHS = ["/recommend", "/recommend_batch", "/similar_items", "/model_info"]
 STARTED = startup.start(SETTINGS, traced_paths=[*API_PATHS, "/rank"])
 MODEL_TAG = STARTED.tag
+# The bodies as this model takes them: /docs.json lists its own filterable fields.
+_ATTRIBUTES = ItemAttributes.load(
+    Path(STARTED.model.path), int(STARTED.model.info.metadata["item_count"]) + 1
+)
+BODIES = requests_for(_ATTRIBUTES.kinds() if _ATTRIBUTES else {})
 DEVICE = STARTED.device
 TRACING = STARTED.tracing
 LAYOUT = topology.choose(
@@ -48,9 +54,9 @@ ACCESS_LOG = {"access": {"enabled": bool(SETTINGS.access_log)}}  # off unless as
 # its body with the same RequestPath method.
 FAST_ROUTES = fast_path.Routes(
     {
-        "/recommend": fast_path.Endpoint(RecommendRequest, RequestPath.recommend),
-        "/recommend_batch": fast_path.Endpoint(RecommendBatchRequest, RequestPath.recommend_batch),
-        "/similar_items": fast_path.Endpoint(SimilarItemsRequest, RequestPath.similar_items),
+        "/recommend": fast_path.Endpoint(BODIES.recommend, RequestPath.recommend),
+        "/recommend_batch": fast_path.Endpoint(BODIES.recommend_batch, RequestPath.recommend_batch),
+        "/similar_items": fast_path.Endpoint(BODIES.similar_items, RequestPath.similar_items),
     }
 )
 
@@ -168,23 +174,23 @@ class Recommender:
 
     # ------------------------------------------------------------------ API
 
-    @bentoml.api(input_spec=RecommendRequest, output_spec=RecommendResponse)
+    @bentoml.api(input_spec=BODIES.recommend, output_spec=RecommendResponse)
     async def recommend(self, **fields: object) -> Response:
         """Top-k next items for one history."""
         # BentoML has validated *fields* with RecommendRequest's own rules (its input spec subclasses
         # it): no second validation.
-        return await self._respond("/recommend", RecommendRequest.model_construct(**fields))
+        return await self._respond("/recommend", BODIES.recommend.model_construct(**fields))
 
-    @bentoml.api(input_spec=RecommendBatchRequest, output_spec=RecommendBatchResponse)
+    @bentoml.api(input_spec=BODIES.recommend_batch, output_spec=RecommendBatchResponse)
     async def recommend_batch(self, requests: list[RecommendRequest]) -> Response:
         """Several /recommend bodies in one call; results come back in the same order."""
-        body = RecommendBatchRequest.model_construct(requests=requests)
+        body = BODIES.recommend_batch.model_construct(requests=requests)
         return await self._respond("/recommend_batch", body)
 
-    @bentoml.api(input_spec=SimilarItemsRequest, output_spec=SimilarItemsResponse)
+    @bentoml.api(input_spec=BODIES.similar_items, output_spec=SimilarItemsResponse)
     async def similar_items(self, **fields: object) -> Response:
         """Items most like the given ones: cosine in the model's item table, exact top-k."""
-        return await self._respond("/similar_items", SimilarItemsRequest.model_construct(**fields))
+        return await self._respond("/similar_items", BODIES.similar_items.model_construct(**fields))
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:

@@ -105,6 +105,10 @@ class ItemAttributes:
         stored = json.loads(path.read_text())
         return cls(stored, n_items) if stored else None
 
+    def kinds(self) -> dict[str, str]:
+        """Every filterable field with its type (``token``, ``token_seq``, ``float``)."""
+        return {name: f.kind for name, f in self.fields.items()}
+
     def describe(self) -> dict[str, dict[str, Any]]:
         """For /model_info: every filterable field with its type and a few example values."""
         return {name: {"type": f.kind, "examples": f.examples()} for name, f in self.fields.items()}

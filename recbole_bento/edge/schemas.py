@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    create_model,
+)
 
 from ..settings import SETTINGS
 
@@ -135,3 +146,45 @@ class ModelInfo(BaseModel):
 
 class RecommendBatchResponse(BaseModel):
     results: list[RecommendResponse] = Field(description="one answer per request, in order")
+
+
+# ------------------------------------------------------------------ the served model's request bodies
+
+_LISTED = {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}}
+_BOUNDS = {
+    "type": "object",
+    "properties": {"gte": {"type": "number"}, "lte": {"type": "number"}},
+    "additionalProperties": False,
+}
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request bodies as the served model takes them (``requests_for``)."""
+
+    recommend: type[RecommendRequest]
+    recommend_batch: type[RecommendBatchRequest]
+    similar_items: type[SimilarItemsRequest]
+
+
+def requests_for(kinds: Mapping[str, str]) -> RequestModels:
+    """Request bodies whose published ``filters`` schema names exactly the served model's filterable
+    fields (*kinds*: name -> ``token``, ``token_seq`` or ``float``), so a body the OpenAPI document
+    allows is one the model answers. Validation is the same as the base models' (the planner checks
+    filters against the attributes); only the documented schema differs."""
+    schema = {
+        "type": "object",
+        "nullable": True,
+        "properties": {name: _BOUNDS if kind == "float" else _LISTED for name, kind in kinds.items()},
+        "additionalProperties": False,
+    }
+    description = RecommendRequest.model_fields["filters"].description
+    filters = (Annotated[dict[str, Any] | None, WithJsonSchema(schema)], Field(None, description=description))
+    recommend = create_model("RecommendRequest", __base__=RecommendRequest, filters=filters)
+    batch = create_model(
+        "RecommendBatchRequest",
+        __base__=RecommendBatchRequest,
+        requests=(list[recommend], Field(description="/recommend bodies, answered in this order")),
+    )
+    similar = create_model("SimilarItemsRequest", __base__=SimilarItemsRequest, filters=filters)
+    return RequestModels(recommend, batch, similar)
