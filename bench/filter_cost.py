@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recbole_bento.core import attributes  # noqa: E402
 from recbole_bento.core.artifact import load_artifact, write_artifact  # noqa: E402
 from recbole_bento.core.engine import Engine  # noqa: E402
+from recbole_bento.core.importer import build_splits  # noqa: E402
 from recbole_bento.core.ranking import RankQuery  # noqa: E402
 from recbole_bento.core.safe_pickle import load_checkpoint, load_dataset_pickle  # noqa: E402
 
@@ -67,7 +68,7 @@ def main() -> None:
     dataset = load_dataset_pickle(next(args.fixture.glob("*-SequentialDataset.pth")))
     with tempfile.TemporaryDirectory(prefix="filter-cost-") as tmp:
         directory = Path(tmp)
-        write_artifact(directory, checkpoint, dataset)
+        write_artifact(directory, checkpoint, dataset, build_splits(dataset)[0])
         n_items = len(dataset.field2id_token[dataset.iid_field])
         category = [None] + [str(i % CATEGORIES) for i in range(1, n_items)]
         (directory / attributes.FILE).write_text(
