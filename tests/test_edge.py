@@ -342,6 +342,33 @@ def test_unresponsive_model_worker_fails_readiness_within_a_second():
     assert remote.down_since is not None
 
 
+def test_calls_hanging_on_a_dead_worker_get_503_once_it_is_known_down():
+    """A call sent after the kill hangs on the arbiter's socket; the readiness probe that finds the
+    worker gone turns it into the same 503 as the calls that follow, instead of a hang."""
+    ranker = DeadRanker()
+
+    async def hang(queries):
+        await asyncio.sleep(3600)
+
+    remote = RemoteModel(hang, ranker.device, ranker.is_ready, retry_after_s=2,
+                         transport_errors=(OSError,))  # fmt: skip
+    path = path_with(remote)
+
+    async def scenario():
+        pending = asyncio.ensure_future(path.respond([request()], batch=False))
+        await asyncio.sleep(0.05)  # the call is on its way to the dead worker
+        assert not pending.done()
+        ready = await remote.ready()  # /readyz: no answer within 0.5 s -> down
+        answer = await asyncio.wait_for(pending, 1.0)
+        remote._probe.cancel()
+        return ready, answer
+
+    ready, answer = asyncio.run(scenario())
+    assert ready is False
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "2"
+    assert json.loads(answer.body) == {"error": "the model worker is restarting: retry after 2 s"}
+
+
 # ------------------------------------------------------------------ topology
 
 

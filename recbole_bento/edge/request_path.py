@@ -94,6 +94,9 @@ class RemoteModel:
         self._transport_errors = transport_errors
         self.down_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
+        # Calls sent to a dead worker hang on the arbiter's listening socket: once the worker is
+        # known to be down they are cancelled and answered 503 like the calls that follow.
+        self._in_flight: set[asyncio.Future[list[RankResult]]] = set()
 
     def _unavailable(self) -> ModelUnavailable:
         return ModelUnavailable(f"the model worker is restarting: retry after {self.retry_after_s} s")
@@ -101,11 +104,20 @@ class RemoteModel:
     async def rank(self, queries: list[RankQuery]) -> Sequence[RankResult]:
         if self.down_since is not None:
             raise self._unavailable()
+        call = asyncio.ensure_future(self._rank(queries))
+        self._in_flight.add(call)
         try:
-            return await self._rank(queries)
+            return await call
         except self._transport_errors as exc:
             self._went_down(exc)
             raise self._unavailable() from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.down_since is not None and not (current and current.cancelling()):
+                raise self._unavailable() from None  # cancelled by _went_down, not by our caller
+            raise
+        finally:
+            self._in_flight.discard(call)
 
     async def device(self) -> str:
         if self.down_since is not None:
@@ -141,6 +153,8 @@ class RemoteModel:
             str(exc).strip() or type(exc).__name__,
         )
         self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
+        for call in self._in_flight:
+            call.cancel()
 
     async def _wait_until_back(self) -> None:
         while not await self._reachable(1.0):
