@@ -335,6 +335,10 @@ def test_slow_clients_do_not_lock_others_out(limited_server):
                         if _status(answer) is None:
                             writer.write(b" ")  # one more byte of a body that never completes
                         continue
+                    except ConnectionResetError:
+                        # the server closed on bytes this client sent after the refusal: the kernel
+                        # resets, and may drop the refusal itself (recorded with status None)
+                        chunk = b""
                     if not chunk:  # the server answered and closed the connection
                         slow.append((_status(answer), answer))
                         break
@@ -353,7 +357,7 @@ def test_slow_clients_do_not_lock_others_out(limited_server):
 
     asyncio.run(attack())
     assert normal == [200] * (seconds - 1), normal
-    assert {status for status, _ in slow} == {408, 429}, [status for status, _ in slow]
+    assert {status for status, _ in slow if status is not None} == {408, 429}, [status for status, _ in slow]
     pending = next(answer for status, answer in slow if status == 429)
     assert b"RECBOLE_BENTO_MAX_PENDING_BODIES" in pending and b"retry-after: 3" in pending.lower()
 
