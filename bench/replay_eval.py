@@ -18,31 +18,19 @@ Exit status: 0 when every metric agrees to 4 decimals, 1 when one does not, 2 on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-@contextlib.contextmanager
-def _inside(directory: str) -> Iterator[None]:
-    """RecBole's Trainer writes a log_tensorboard/ folder into the working directory."""
-    previous = os.getcwd()
-    os.chdir(directory)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
+from devtools.training import in_directory  # noqa: E402  RecBole's Trainer writes ./log_tensorboard
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
@@ -96,7 +84,7 @@ def recbole_evaluate(checkpoint: dict[str, Any], dataset: Any, k: int, workdir: 
     torch.autograd.set_detect_anomaly(False)  # RecBole's SINE module turns it on at import
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
-    with _inside(workdir):
+    with in_directory(Path(workdir)):
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
     return {key.lower(): float(value) for key, value in result.items()}, test_data
