@@ -1,6 +1,6 @@
 """The batch scorer against the engine's in-process ceiling, on the same rows, in one process.
 
-    BENTOML_HOME=bench/.work/bentoml python bench/batch_throughput.py sasrec-ml-100k --rows 20000
+    BENTOML_HOME=bench/.work/bentoml python bench/batch_throughput.py sasrec-ml-100k --rows 50000
 
 Writes ``--rows`` random full-window histories (item ids from the model's catalogue) to a JSON-lines
 file (and ``--format parquet``/``csv`` if asked), then alternately, ``--rounds`` times:
@@ -8,7 +8,8 @@ file (and ``--format parquet``/``csv`` if asked), then alternately, ``--rounds``
     bench/ceiling.py's ``engine`` column times, here sustained over the whole input, not best-of);
   - ``batch``: ``recbole_bento.batch.score_file`` on the file (read, validate, map, rank, decode,
     write), with the model already loaded.
-Prints one JSON line per round and the best ratio batch/engine. ``--peak-rss`` instead runs the
+Prints one JSON line per round and the median and best ratios batch/engine (rounds alternate,
+so both see the same machine). ``--peak-rss`` instead runs the
 command once in a child process and reports its peak RSS (``ru_maxrss``) and rows/s; ``--spark``
 times ``recbole_bento.spark.recommend`` on local[2] over the same rows as Parquet.
 """
@@ -20,6 +21,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,10 +102,10 @@ def spark_rate(stored, source: Path, tokens: list[str], args: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tag")
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--format", default="jsonl", choices=["jsonl", "csv", "parquet"])
     parser.add_argument("--peak-rss", action="store_true", help="one CLI run in a child: peak RSS, rows/s")
     parser.add_argument("--spark", action="store_true", help="recbole_bento.spark.recommend on local[2]")
@@ -177,7 +179,12 @@ def main() -> None:
         )
     print(
         json.dumps(
-            {"best_ratio": round(max(ratios), 3), "loaded_rss_mb": round(loaded_mb), "load1_at_start": load}
+            {
+                "median_ratio": round(statistics.median(ratios), 3),
+                "best_ratio": round(max(ratios), 3),
+                "loaded_rss_mb": round(loaded_mb),
+                "load1_at_start": load,
+            }
         )
     )
 

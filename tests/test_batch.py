@@ -227,6 +227,52 @@ def test_killed_run_leaves_no_output(tmp_path, sasrec_tag, rows):
     assert all(p.name.startswith(".out.jsonl.") for p in tmp_path.iterdir() if p != source)
 
 
+def test_a_dead_reading_process_stops_the_run(tmp_path, sasrec_tag, rows, capsys, monkeypatch):
+    """The forked process that reads and writes dies mid-run: one line, exit 1, no output."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, rows * 10)
+    finish = batch.Scorer.finish
+    parent = os.getpid()
+
+    def dies_in_the_child(self, pending):
+        if os.getpid() != parent:
+            os._exit(3)
+        return finish(self, pending)
+
+    monkeypatch.setattr(batch.Scorer, "finish", dies_in_the_child)
+    assert run_batch("--model", sasrec_tag, "--input", source, "--output", target) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["recbole-bento-batch: the batch's reading process stopped unexpectedly; no output written"]
+    assert list(tmp_path.iterdir()) == [source]
+
+
+def test_sigterm_stops_both_processes(tmp_path, sasrec_tag, rows):
+    """SIGTERM to the command: exit 1 with one line, no output, and its forked process gone too."""
+    import psutil
+
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, rows * 200)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recbole_bento.batch", "--model", sasrec_tag, "--input", source]
+        + ["--output", str(target), "--batch-size", "4", "--no-progress"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not psutil.Process(proc.pid).children():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    child = psutil.Process(proc.pid).children()[0]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == ["recbole-bento-batch: interrupted; no output written"]
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert list(tmp_path.iterdir()) == [source]
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -20,7 +20,7 @@ from recbole.data.interaction import Interaction
 from .artifact import Artifact, ArtifactError, ServingConfig
 from .attributes import ItemAttributes
 from .blockwise import BlockTopK, same_topk
-from .ranking import FilterCompiler, RankQuery, RankResult, apply_masks
+from .ranking import NEG_INF, FilterCompiler, RankQuery, RankResult, apply_masks
 
 EXPLAIN_ITEMS = 3  # history items named per returned item
 
@@ -49,13 +49,13 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def pad_histories(histories: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RecBole's layout: the most recent *width* items, left-aligned, tail-padded with 0."""
-    seq = torch.zeros((len(histories), width), dtype=torch.long)
-    lengths = torch.empty(len(histories), dtype=torch.long)
-    for row, history in enumerate(histories):
-        recent = list(history[-width:])
-        seq[row, : len(recent)] = torch.as_tensor(recent, dtype=torch.long)
-        lengths[row] = len(recent)
-    return seq, lengths
+    recent = [list(history[-width:]) for history in histories]
+    lengths = [len(items) for items in recent]
+    # one tensor from nested lists: per-row tensor writes cost more than the model on small catalogues
+    seq = torch.tensor(
+        [items + [0] * (width - n) for items, n in zip(recent, lengths, strict=True)], dtype=torch.long
+    )
+    return seq.view(len(recent), width), torch.tensor(lengths, dtype=torch.long)
 
 
 def build_model(artifact: Artifact, device: torch.device) -> torch.nn.Module:
@@ -124,11 +124,12 @@ class Engine:
                 continue
             part = [queries[row] for row in rows]
             values, indices = topk(part, min(max(q.topk for q in part), self.n_items))
-            values, indices = values.cpu(), indices.cpu()
-            for i, (row, query) in enumerate(zip(rows, part, strict=True)):
-                vals = values[i, : query.topk]
-                keep = vals > float("-inf")
-                results[row] = RankResult(indices[i, : query.topk][keep].tolist(), vals[keep].tolist())
+            # as Python lists once: per-row tensor indexing costs more than the model on small catalogues
+            for row, query, vals, ids in zip(rows, part, values.tolist(), indices.tolist(), strict=True):
+                kept = [
+                    (i, v) for i, v in zip(ids[: query.topk], vals[: query.topk], strict=True) if v > NEG_INF
+                ]
+                results[row] = RankResult([i for i, _ in kept], [v for _, v in kept])
         for query, result in zip(queries, results, strict=True):
             if query.explain and result is not None:
                 result.because = self.because(query.history, result.items)

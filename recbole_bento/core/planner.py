@@ -14,7 +14,7 @@ against its own copy of the attributes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -125,6 +125,9 @@ class Planner:
 
     def _split(self, ids: list[ExternalId]) -> tuple[list[int], list[str]]:
         """(internal ids of the known items in order, the unknown ones as sent)."""
+        mapped = [self.item_ids.get(str(raw)) for raw in ids]
+        if None not in mapped:  # the usual case: every item known, one pass
+            return cast(list[int], mapped), []
         known: list[int] = []
         unknown: list[str] = []
         for raw in ids:
