@@ -87,7 +87,7 @@ def main() -> None:
         return make
 
     one_percent = {"category": ["7"]}
-    passing = int(engine.compile_filter(one_percent).sum())
+    passing = engine.compile_filter(one_percent).ids.numel()
     cases = {
         "recommend": queries("next", None),
         "recommend_filter_1pct": queries("next", one_percent),

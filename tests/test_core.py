@@ -25,6 +25,7 @@ from devtools.metrics import batch_counts
 from recbole_bento.core import artifact as art
 from recbole_bento.core.engine import pad_histories
 from recbole_bento.core.ranking import (
+    Allowed,
     BatchMask,
     RankQuery,
     RankResult,
@@ -188,6 +189,34 @@ def test_popularity_fallback_applies_the_same_masks():
     assert popular_topk(order, counts, RankQuery([], 3, exclude=[2, 5])).items == [3, 1, 4]
     assert popular_topk(order, counts, RankQuery([], 5, candidates=[0, 4, 1])).items == [1, 4]
     assert popular_topk(order, counts, RankQuery([], 2, candidates=[])).items == []
+
+
+def test_allow_lists_as_masks_and_ids_agree():
+    """Candidates, a filter, and both: the mask and the ascending ids name the same items, and the
+    restricted fallback ranks them as the popularity order does (count, then id)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 500
+    passing = torch.rand(n, generator=gen) < 0.2
+    passing[0] = False
+    counts = torch.randint(0, 5, (n,), generator=gen)  # many ties: the id order must decide them
+    order = popularity_order(counts)
+    candidates = torch.randint(0, n, (80,), generator=gen).tolist()  # repeats, and maybe 0
+    queries = [
+        RankQuery([], 30, candidates=candidates),
+        RankQuery([], 30, filters={"f": ["x"]}),
+        RankQuery([], 30, exclude=candidates[:5], candidates=candidates, filters={"f": ["x"]}),
+    ]
+    compiled = Allowed.from_mask(passing)
+    mask = BatchMask(queries, n, compile_filter=lambda _filters: compiled)
+    wanted = [set(candidates), set(passing.nonzero().flatten().tolist())]
+    wanted.append(wanted[0] & wanted[1])
+    for row, items in enumerate(wanted):
+        ids = mask.allowed_ids[row]
+        assert ids.tolist() == sorted(items)
+        assert mask.allowed[row].nonzero().flatten().tolist() == sorted(items)
+        query = queries[row]
+        brute = [i for i in order.tolist() if i in items and i != 0 and i not in query.exclude][: query.topk]
+        assert popular_topk(order, counts, query, lambda _filters: compiled).items == brute
 
 
 # ------------------------------------------------------------------ HTTP

@@ -28,7 +28,7 @@ from recbole_bento.core.attributes import FilterError, ItemAttributes
 from recbole_bento.core.blockwise import BlockTopK
 from recbole_bento.core.models import MODEL_SPECS
 from recbole_bento.core.planner import Planner, RequestError
-from recbole_bento.core.ranking import NEG_INF, RankQuery, apply_masks, popular_topk
+from recbole_bento.core.ranking import NEG_INF, Allowed, RankQuery, apply_masks, popular_topk
 
 ITEM_FILE = """item_id:token\tgenre:token_seq\tyear:token\tprice:float\tvec:float_seq
 1\tComedy Drama\t1995\t10.5\t1 2
@@ -57,7 +57,7 @@ def attrs(stored: dict) -> ItemAttributes:
 
 
 def passing(attrs: ItemAttributes, filters: dict) -> list[str]:
-    return [TOKENS[i] for i in attrs.compile(attrs.normalize(filters)).nonzero().flatten().tolist()]
+    return [TOKENS[i] for i in attrs.compile(attrs.normalize(filters)).ids.tolist()]
 
 
 # ------------------------------------------------------------------ filters, in-process
@@ -185,8 +185,8 @@ def test_block_topk_with_a_selective_filter_is_exact(share, direct):
     passing_items = torch.rand(n, generator=gen) < share
     passing_items[0] = False
 
-    def compile_filter(_filters: dict) -> torch.Tensor:
-        return passing_items
+    def compile_filter(_filters: dict) -> Allowed:
+        return Allowed.from_mask(passing_items)
 
     queries = [
         RankQuery([1], 10, filters={"f": ["x"]}),

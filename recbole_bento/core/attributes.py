@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .ranking import Allowed
+
 FILE = "item_attributes.json"
 TYPES = ("token", "token_seq", "float")
 Filters = dict[str, Any]  # normalised: token fields -> sorted list[str]; float -> {"gte"?, "lte"?}
@@ -94,7 +96,7 @@ class ItemAttributes:
         self.fields = {
             name: _Field(f["type"], n_items, f.get("vocab", []), f["values"]) for name, f in stored.items()
         }
-        self._compiled: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._compiled: OrderedDict[str, Allowed] = OrderedDict()
 
     @classmethod
     def load(cls, directory: Path, n_items: int) -> ItemAttributes | None:
@@ -124,9 +126,9 @@ class ItemAttributes:
             out[name] = _condition(name, field.kind, condition, self._listing())
         return dict(sorted(out.items()))
 
-    def compile(self, filters: Filters) -> torch.Tensor:
-        """bool [n_items]: the items that pass a normalised filter (the padding item never does).
-        The last few filters compiled are cached: the tensors are shared, never modify them."""
+    def compile(self, filters: Filters) -> Allowed:
+        """The items that pass a normalised filter (the padding item never does). The last few
+        filters compiled are cached: the tensors are shared, never modify them."""
         key = json.dumps(filters, sort_keys=True)
         hit = self._compiled.get(key)
         if hit is not None:
@@ -136,7 +138,7 @@ class ItemAttributes:
         for name, condition in filters.items():
             allowed &= self.fields[name].match(condition, self.n_items)
         allowed[0] = False
-        out = torch.from_numpy(allowed)
+        out = Allowed.from_mask(torch.from_numpy(allowed))
         self._compiled[key] = out
         if len(self._compiled) > _CACHE:
             self._compiled.popitem(last=False)

@@ -221,11 +221,7 @@ class BlockTopK:
         if kc * chunk > self.n_items // 2:  # one row alone would re-score half the table
             return None
         mask = BatchMask(queries, self.n_items, device, compile_filter)
-        direct = {
-            row: torch.nonzero(allowed).flatten()
-            for row, allowed in mask.allowed.items()
-            if int(allowed.sum()) <= self.direct_items
-        }
+        direct = {row: ids for row, ids in mask.allowed_ids.items() if ids.numel() <= self.direct_items}
         scan_rows = [r for r in range(batch) if r not in direct]
         picked = None
         if scan_rows:

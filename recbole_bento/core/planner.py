@@ -154,7 +154,7 @@ class Planner:
                 plan.query.filters = self.attributes.normalize(filters)
             except FilterError as exc:
                 raise RequestError(str(exc)) from None
-            plan.passing = int(self.attributes.compile(plan.query.filters).sum())
+            plan.passing = self.attributes.compile(plan.query.filters).ids.numel()
         return plan
 
     def popular(self, plan: Plan) -> RankResult:

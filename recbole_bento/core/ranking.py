@@ -21,8 +21,25 @@ from typing import Any, Literal
 import torch
 
 NEG_INF = float("-inf")
-# a normalised filter -> bool [n_items], True where an item passes (ItemAttributes.compile)
-FilterCompiler = Callable[[dict[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The items a compiled filter lets through, both ways: a bool mask over the catalogue (for
+    masking score blocks) and the sorted ids of the passing items (for scoring only those, and
+    counting them, without a pass over the catalogue). Shared by every query with that filter:
+    never modified."""
+
+    mask: torch.Tensor  # bool [n_items]
+    ids: torch.Tensor  # int64, ascending
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> Allowed:
+        return cls(mask, torch.nonzero(mask).flatten())
+
+
+# a normalised filter -> the items that pass it (ItemAttributes.compile)
+FilterCompiler = Callable[[dict[str, Any]], Allowed]
 
 
 @dataclass
@@ -68,20 +85,27 @@ class BatchMask:
         excl_cols = torch.tensor(cols, dtype=torch.long, device=device)
         order = torch.sort(excl_cols, stable=True)  # by item: a block of items finds its own slice
         self.excl_rows, self.excl_cols = excl_rows[order.indices], order.values
-        # rows restricted to an allow-list: row -> bool [n_items]
+        # rows restricted to an allow-list: row -> bool [n_items], and row -> its ascending item ids
         self.allowed: dict[int, torch.Tensor] = {}
+        self.allowed_ids: dict[int, torch.Tensor] = {}
         for row, query in enumerate(queries):
-            allowed = None
+            mask = ids = None
             if query.candidates is not None:
-                allowed = torch.zeros(n_items, dtype=torch.bool, device=device)
-                allowed[torch.tensor(query.candidates, dtype=torch.long, device=device)] = True
+                ids = torch.unique(torch.tensor(query.candidates, dtype=torch.long, device=device))
             if query.filters:
                 if compile_filter is None:
                     raise ValueError("a query with filters needs the model's item attributes")
-                passing = compile_filter(query.filters).to(device)  # shared: never modified here
-                allowed = passing if allowed is None else allowed & passing
-            if allowed is not None:
-                self.allowed[row] = allowed
+                passing = compile_filter(query.filters)
+                if ids is None:
+                    mask, ids = passing.mask.to(device), passing.ids.to(device)
+                else:
+                    ids = ids[passing.mask.to(device)[ids]]
+            if ids is not None:
+                if mask is None:
+                    mask = torch.zeros(n_items, dtype=torch.bool, device=device)
+                    mask[ids] = True
+                self.allowed[row] = mask
+                self.allowed_ids[row] = ids
 
     def restricted(self, row: int) -> bool:
         return row in self.allowed
@@ -130,8 +154,9 @@ def popular_topk(
     Without an allow-list only the first ``topk + len(exclude) + 1`` items of *order* can be
     needed (at most that many are masked), so the check does not grow with the catalogue."""
     mask = BatchMask([query], counts.numel(), compile_filter=compile_filter)
-    if mask.restricted(0):
-        pool = order
+    if mask.restricted(0):  # the allowed items in *order*'s order: by count, ties by id
+        ids = mask.allowed_ids[0]
+        pool = ids[torch.sort(-counts[ids].double(), stable=True).indices]
     else:
         pool = order[: query.topk + len(query.exclude) + 1]
     keep = pool[~mask.blocked(pool.unsqueeze(0))[0]][: query.topk]
