@@ -18,12 +18,13 @@ from bentoml.models import BentoModel
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from recbole_bento import bentoml_compat
 from recbole_bento.core import store
 from recbole_bento.core.attributes import ItemAttributes
 from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
-from recbole_bento.edge import bentoml_compat, fast_path, guard, lifecycle, observability, startup, topology
+from recbole_bento.edge import fast_path, guard, lifecycle, observability, startup, topology
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
 from recbole_bento.edge.schemas import (
     ModelInfo,

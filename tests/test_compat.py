@@ -1,5 +1,5 @@
 """What the serving edge assumes about BentoML, checked against the BentoML installed: each test
-fails when BentoML moves or reshapes what edge/bentoml_compat.py (or the edge's public-API
+fails when BentoML moves or reshapes what recbole_bento/bentoml_compat.py (or the edge's public-API
 replacements for former internals) relies on, and the start-up check itself is tested."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 from conftest import ROOT
 from starlette.requests import Request
 
-from recbole_bento.edge import bentoml_compat, guard, observability
+from recbole_bento import bentoml_compat
+from recbole_bento.edge import guard, observability
 
 # ------------------------------------------------------------------ the start-up check
 
@@ -65,6 +66,15 @@ def _worker_module_moved(monkeypatch) -> None:
     monkeypatch.setattr(bentoml_compat, "WORKER_MODULE", "_bentoml_impl.worker.moved")
 
 
+def _model_store_argument_renamed(monkeypatch) -> None:
+    import bentoml
+
+    def import_model(path, *, model_store=None):  # the private argument renamed
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(bentoml.models, "import_model", import_model)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -72,6 +82,7 @@ def _worker_module_moved(monkeypatch) -> None:
         (_local_call_renamed, "APIMethod._local_call"),
         (_server_log_formatter_renamed, "logging configs"),
         (_worker_module_moved, "worker command line"),
+        (_model_store_argument_renamed, "ModelStore"),
     ],
 )
 def test_each_assumption_notices_its_change(monkeypatch, change, named) -> None:
@@ -80,6 +91,19 @@ def test_each_assumption_notices_its_change(monkeypatch, change, named) -> None:
     assert [p.split(":")[0] for p in found] == [named], found
     with pytest.raises(SystemExit, match=re.escape(named)):
         bentoml_compat.check(allow_untested=False)
+
+
+def test_a_model_file_on_a_changed_bentoml_is_one_line(monkeypatch, tmp_path) -> None:
+    """The batch command and Spark import export files through the private ModelStore: a BentoML
+    that moved it refuses in one line (ArtifactError), before touching the file."""
+    from recbole_bento.core import store
+    from recbole_bento.core.artifact import ArtifactError
+
+    _model_store_argument_renamed(monkeypatch)
+    model_file = tmp_path / "m.bentomodel"
+    model_file.write_bytes(b"not read")
+    with pytest.raises(ArtifactError, match=r"needs bentoml.*ModelStore: .*_model_store"):
+        store.import_archive(model_file, tmp_path / "home")
 
 
 def test_bentoml_serve_exits_in_one_line_on_an_untested_bentoml(tmp_path) -> None:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from conftest import ROOT, scrape, serving
 
-from recbole_bento.edge import bentoml_compat, observability
+from recbole_bento import bentoml_compat
+from recbole_bento.edge import observability
 from recbole_bento.settings import Settings
 
 OURS = (

@@ -9,6 +9,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import NotFound
 
+from ..bentoml_compat import import_model_into
 from .artifact import Artifact, ArtifactError, load_artifact, verify_digests
 
 FORMAT = "recbole-bento/1"  # metadata["format"]: marks models this project can serve
@@ -47,13 +48,12 @@ def _ours(model: bentoml.Model) -> bentoml.Model:
 def import_archive(path: Path, home: Path) -> bentoml.Model:
     """A model file written by `bentoml models export`, imported into a private model store at *home*:
     the batch scorer and Spark executors load a shipped file without touching the user's store."""
-    # ModelStore is BentoML-internal; import_model's own ``_model_store`` argument takes it.
-    from bentoml._internal.models.model import ModelStore
-
     if not Path(path).is_file():
         raise ArtifactError(f"{path}: no such model file")
     try:
-        model = bentoml.models.import_model(str(path), _model_store=ModelStore(str(home)))
+        model = import_model_into(str(path), str(home))  # a BentoML internal: see bentoml_compat
+    except RuntimeError as exc:
+        raise ArtifactError(str(exc)) from None
     except Exception as exc:  # BentoML raises several kinds for a file that is not an export
         reason = " ".join(str(exc).split())
         raise ArtifactError(f"{path}: not a model written by `bentoml models export` ({reason})") from None

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from . import bentoml_compat
+from .. import bentoml_compat
 
 logger = logging.getLogger("recbole_bento")
 

@@ -203,6 +203,6 @@ def use_json_logs(bentoml_configs: bool) -> None:
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(formatter)
     if bentoml_configs:
-        from .bentoml_compat import use_log_formatter
+        from ..bentoml_compat import use_log_formatter
 
         use_log_formatter(JsonFormatter)

@@ -27,11 +27,12 @@ from typing import Any
 
 import bentoml
 
+from .. import bentoml_compat
 from ..core import store
 from ..core.artifact import ArtifactError
 from ..core.engine import pick_device
 from ..settings import Settings
-from . import bentoml_compat, guard, observability
+from . import guard, observability
 
 logger = logging.getLogger("recbole_bento")
 

@@ -1,5 +1,8 @@
 """Every use of BentoML's private internals, in one place, checked when a server starts.
 
+Both wings use it (the edge's server patches, the core store's private model stores), so it lives
+beside them, not in either.
+
 The rest of the project uses BentoML's public API only (``@bentoml.service``, ``bentoml.api``,
 ``bentoml.depends``, ``add_asgi_middleware``, its configuration keys, its ``bentoml`` logger) and
 OpenTelemetry's for trace ids. What follows has no public equivalent in BentoML 1.4; each entry says
@@ -31,6 +34,13 @@ assumptions are tested one by one in tests/test_compat.py.
   format option (``logging.formatting`` only formats trace ids), and the ``bentoml serve`` process
   hands ``SERVER_LOGGING_CONFIG`` to circus *after* importing the service, so setting the
   formatter on the live handlers does not reach its lines.
+* ``bentoml._internal.models.model.ModelStore`` (``import_model_into``): a model store at a folder
+  of our choosing, for ``bentoml.models.import_model``'s ``_model_store`` argument. The batch
+  command and Spark executors import a ``bentoml models export`` file into a temporary store so
+  that they never write to the user's; BentoML's public ``import_model`` takes only the default
+  store, which is fixed when BentoML is first imported (``BENTOML_HOME``). ``core/store.py`` calls
+  it; a BentoML that differs gets the one-line refusal of ``import_model_into`` (the command is no
+  server: nothing else runs ``check`` there).
 * ``WORKER_MODULE`` (``lifecycle.py``): the sibling workers of one ``bentoml serve`` are recognised
   by this module and its ``--service-name`` option on their command line. BentoML exposes no list
   of the processes serving which service (``bentoml.server_context`` knows the current process
@@ -149,6 +159,17 @@ def _logging_configs() -> dict[str, dict[str, Any]]:
     return configs
 
 
+def _model_store_class() -> Any:
+    from bentoml._internal.models.model import ModelStore
+
+    _expect(_positional(ModelStore.__init__)[:2] == ["self", "base_path"], "ModelStore(base_path) changed")
+    _expect(
+        "_model_store" in inspect.signature(bentoml.models.import_model).parameters,
+        "bentoml.models.import_model takes no _model_store",
+    )
+    return ModelStore
+
+
 def _worker_command_line() -> None:
     command = importlib.import_module(WORKER_MODULE).main
     options = {opt for param in command.params for opt in param.opts}
@@ -161,6 +182,7 @@ ASSUMPTIONS: dict[str, Callable[[], Any]] = {
     "tracing.sample_rate": _tracing_sample_rate,
     "logging configs": _logging_configs,
     "worker command line": _worker_command_line,
+    "ModelStore": _model_store_class,
 }
 
 
@@ -240,3 +262,15 @@ def freeze_startup_objects() -> None:
 
     gc.collect()
     gc.freeze()
+
+
+def import_model_into(path: str, home: str) -> bentoml.Model:
+    """``bentoml.models.import_model`` of the export file *path* into a model store at *home*
+    (created if needed) instead of the user's. RuntimeError (one line) when this BentoML's
+    internals differ from the ones read here."""
+    found = problems()
+    if found:
+        raise RuntimeError(
+            f"recbole-bento needs bentoml{TESTED_BENTOML} to import a model file: {'; '.join(found)}"
+        )
+    return bentoml.models.import_model(path, _model_store=_model_store_class()(home))
