@@ -5,7 +5,8 @@ per request (bench/recipe_model.py), several uvicorn workers with one torch thre
 
 Defaults: one worker per core this process may run on, one torch thread per worker (workers x
 threads <= cores: with torch's default thread count every worker runs one OpenMP thread per core
-and they oversubscribe the cores), uvloop and httptools, no access log. Same request and response
+and they oversubscribe the cores), an ``async`` handler (no thread pool), uvloop and httptools, no
+access log. Same request and response
 bodies as the service's ``/recommend``. ``GET /health`` answers once the worker has loaded the
 model, with its pid and load time.
 """
@@ -63,7 +64,10 @@ def health() -> dict:
 
 
 @app.post("/recommend")
-def recommend(req: RecommendRequest) -> dict:
+async def recommend(req: RecommendRequest) -> dict:
+    # async: ranked on the event loop, one request at a time per worker. A plain `def` runs in
+    # FastAPI's thread pool, where concurrent requests contend for the GIL between torch's
+    # operators: several times the CPU per request under load (docs/benchmarks.md).
     query = _model.query(req.sequence, req.topk)  # type: ignore[union-attr]
     if isinstance(query, str):
         raise HTTPException(400, query)

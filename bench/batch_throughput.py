@@ -10,7 +10,8 @@ file (and ``--format parquet``/``csv`` if asked), then alternately, ``--rounds``
     write), with the model already loaded.
 Prints one JSON line per round and the median and best ratios batch/engine (rounds alternate,
 so both see the same machine). ``--peak-rss`` instead runs the
-command once in a child process and reports its peak RSS (``ru_maxrss``) and rows/s; ``--spark``
+command once in a child process and reports rows/s, the peak RSS of its largest process
+(``ru_maxrss``) and the peak PSS of its processes together (sampled every 0.25 s); ``--spark``
 times ``recbole_bento.spark.recommend`` on local[2] over the same rows as Parquet.
 """
 
@@ -60,6 +61,19 @@ def make_input(path: Path, tokens: list[str], rows: int, window: int, seed: int 
         writer.write_table(table)
     if writer is not None:
         writer.close()
+
+
+def _pss(pid: int) -> int:
+    """Bytes of memory the command and its forked process hold together (proportional set size:
+    pages they share, such as the model's, counted once); 0 once it is gone."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+        return sum(p.memory_full_info().pss for p in procs)
+    except psutil.Error:
+        return 0
 
 
 def spark_rate(stored, source: Path, tokens: list[str], args: argparse.Namespace, load: float) -> None:
@@ -133,7 +147,13 @@ def main() -> None:
         cmd = [sys.executable, "-m", "recbole_bento.batch", "--model", str(stored.tag)]
         cmd += ["--input", str(source), "--output", str(work / f"out.{args.format}"), "--no-progress"]
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        peak_pss = 0
+        while proc.poll() is None:
+            peak_pss = max(peak_pss, _pss(proc.pid))
+            time.sleep(0.25)
+        if proc.returncode:
+            raise SystemExit(f"the batch command failed ({proc.returncode})")
         wall = time.perf_counter() - start
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(
@@ -143,7 +163,8 @@ def main() -> None:
                     "format": args.format,
                     "wall_s": round(wall, 1),
                     "rows_s_incl_start": round(args.rows / wall),
-                    "peak_rss_mb": round(peak_mb),
+                    "peak_rss_mb_largest_process": round(peak_mb),
+                    "peak_pss_mb_all_processes": round(peak_pss / 2**20),
                     "load1": load,
                 }
             )

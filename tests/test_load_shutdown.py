@@ -368,17 +368,18 @@ def test_killed_model_worker_gives_503_with_retry_after_then_serves_again(sasrec
     log = server.log.read_text()
     answers = report["answers"]
     statuses = {status for _, status, _, _ in answers}
+    refused = [(t, retry, body) for t, status, retry, body in answers if status == 503]
     print(
         json.dumps(
             {
                 "statuses": sorted(statuses),
                 "readyz_503_s": report["readyz_503_s"],
+                "last_503_s_after_kill": max((t for t, _, _ in refused), default=None),
                 "failures": len(report["failures"]),
             }
         )
     )
     assert statuses == {200, 503}, statuses  # never a 500
-    refused = [(t, retry, body) for t, status, retry, body in answers if status == 503]
     assert all(retry == "1" for _, retry, _ in refused)
     assert {json.loads(body)["error"] for _, _, body in refused} == {
         "the model worker is restarting: retry after 1 s"
