@@ -4,6 +4,7 @@ replacements for former internals) relies on, and the start-up check itself is t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.config
 import os
@@ -62,6 +63,16 @@ def _server_log_formatter_renamed(monkeypatch) -> None:
     monkeypatch.delitem(SERVER_LOGGING_CONFIG["formatters"], "traced")
 
 
+def _timeout_middleware_rewritten(monkeypatch) -> None:
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    async def call(self, scope, receive, send) -> None:  # e.g. BentoML moved to asyncio.timeout
+        async with asyncio.timeout(self.timeout):
+            await self.app(scope, receive, send)
+
+    monkeypatch.setattr(TimeoutMiddleware, "__call__", call)
+
+
 def _worker_module_moved(monkeypatch) -> None:
     monkeypatch.setattr(bentoml_compat, "WORKER_MODULE", "_bentoml_impl.worker.moved")
 
@@ -81,6 +92,7 @@ def _model_store_argument_renamed(monkeypatch) -> None:
         (_mime_type_takes_an_argument, "IORootModel.mime_type"),
         (_local_call_renamed, "APIMethod._local_call"),
         (_server_log_formatter_renamed, "logging configs"),
+        (_timeout_middleware_rewritten, "TimeoutMiddleware.__call__"),
         (_worker_module_moved, "worker command line"),
         (_model_store_argument_renamed, "ModelStore"),
     ],
@@ -155,6 +167,51 @@ def test_api_method_wrappers_are_built_once_per_instance() -> None:
     assert first.echo.local is first.echo.local  # BentoML alone builds a new one per lookup
     assert first.echo.local is not second.echo.local
     assert first.echo() == "hi" and second.echo(text="x") == "x"
+
+
+def test_timeout_middleware_cancels_its_timer_and_still_answers_504() -> None:
+    """BentoML's traffic timeout leaves one live timer per answered request for the whole timeout
+    (full garbage collections then scan them all); patched, every timer is cancelled once the
+    request is done, and a request slower than the timeout still gets BentoML's 504."""
+    import asyncio
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    bentoml_compat.apply()
+
+    async def app(scope, receive, send) -> None:
+        if scope["path"] == "/slow":
+            await asyncio.sleep(1)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> tuple[list[asyncio.TimerHandle], list[int]]:
+        loop = asyncio.get_running_loop()
+        timers: list[asyncio.TimerHandle] = []
+        schedule = loop.call_later
+
+        def call_later(*args, **kwargs):
+            timers.append(schedule(*args, **kwargs))
+            return timers[-1]
+
+        loop.call_later = call_later  # type: ignore[method-assign]
+        middleware = TimeoutMiddleware(app, timeout=0.2)
+        statuses: list[int] = []
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        for path in ["/fast"] * 50 + ["/slow"]:
+            await middleware({"type": "http", "path": path, "headers": []}, receive, send)
+        return timers, statuses
+
+    timers, statuses = asyncio.run(run())
+    assert statuses == [200] * 50 + [504]
+    assert len(timers) >= 51 and all(t.cancelled() for t in timers[:50])  # (and the slow app's sleep)
 
 
 # ------------------------------------------------------------------ public APIs that replaced internals
