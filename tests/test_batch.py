@@ -206,17 +206,23 @@ def test_a_failure_midway_leaves_no_output(tmp_path, sasrec_tag, rows, capsys):
     assert list(tmp_path.iterdir()) == [source]
 
 
-def test_killed_run_leaves_no_output(tmp_path, sasrec_tag, rows):
-    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_input(source, rows * 200)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recbole_bento.batch", "--model", sasrec_tag, "--input", source]
-        + ["--output", str(target), "--batch-size", "4"],
+def start_batch(tag: str, source: Path, target: Path, *extra: str) -> subprocess.Popen:
+    """The command as a user runs it, in its own process, in small batches (a run long enough to
+    be stopped midway); stderr kept for the assertions."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "recbole_bento.batch", "--model", tag, "--input", str(source)]
+        + ["--output", str(target), "--batch-size", "4", *extra],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_killed_run_leaves_no_output(tmp_path, sasrec_tag, rows):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(source, rows * 200)
+    proc = start_batch(sasrec_tag, source, target)
     deadline = time.monotonic() + 120
     while not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p.stat().st_size]:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
@@ -252,14 +258,7 @@ def test_sigterm_stops_both_processes(tmp_path, sasrec_tag, rows):
 
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(source, rows * 200)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recbole_bento.batch", "--model", sasrec_tag, "--input", source]
-        + ["--output", str(target), "--batch-size", "4", "--no-progress"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_batch(sasrec_tag, source, target, "--no-progress")
     deadline = time.monotonic() + 120
     while not psutil.Process(proc.pid).children():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
