@@ -572,6 +572,7 @@ def _pipeline(
 
     bar = tqdm(total=reader.total, unit=" rows", unit_scale=True, file=sys.stderr, disable=not progress)
     written = skipped = 0
+    frozen_before = gc.get_freeze_count() > 0  # a server's start-up freeze (service.py) stays
     gc.freeze()  # the loaded model's objects: never scanned (nor copied) by the child's collector
     try:
         child.start()
@@ -599,7 +600,8 @@ def _pipeline(
             else:
                 return written, skipped
     finally:
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()
         bar.close()
         if child.is_alive():
             child.terminate()
