@@ -330,6 +330,9 @@ def test_unresponsive_model_worker_fails_readiness_within_a_second():
                          transport_errors=(OSError,))  # fmt: skip
 
     async def scenario():
+        ranker.alive = True
+        assert await remote.ready() is True
+        ranker.alive = False  # killed: its /readyz no longer answers
         loop = asyncio.get_running_loop()
         start = loop.time()
         ready = await remote.ready()
@@ -340,6 +343,25 @@ def test_unresponsive_model_worker_fails_readiness_within_a_second():
     ready, took = asyncio.run(scenario())
     assert ready is False and took < 1.0
     assert remote.down_since is not None
+
+
+def test_a_model_worker_still_starting_is_not_ready_and_not_down(caplog):
+    """Before any worker has answered (the public worker up first), a silent /readyz means
+    "starting": readiness fails, but nothing is declared down or logged; once it answers, ready."""
+    ranker = DeadRanker()
+    remote = RemoteModel(ranker.rank, ranker.device, ranker.is_ready, retry_after_s=1,
+                         transport_errors=(OSError,))  # fmt: skip
+
+    async def scenario():
+        starting = await remote.ready()
+        ranker.alive = True
+        return starting, await remote.ready()
+
+    with caplog.at_level(logging.INFO, logger="recbole_bento"):
+        starting, up = asyncio.run(scenario())
+    assert starting is False and up is True
+    assert remote.down_since is None and remote._probe is None
+    assert not caplog.records
 
 
 def test_calls_hanging_on_a_dead_worker_get_503_once_it_is_known_down():

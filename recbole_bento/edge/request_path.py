@@ -97,6 +97,7 @@ class RemoteModel:
         # Calls sent to a dead worker hang on the arbiter's listening socket: once the worker is
         # known to be down they are cancelled and answered 503 like the calls that follow.
         self._in_flight: set[asyncio.Future[list[RankResult]]] = set()
+        self._seen_ready = False  # a worker answered once: from then on, silence means it went down
 
     def _unavailable(self) -> ModelUnavailable:
         return ModelUnavailable(f"the model worker is restarting: retry after {self.retry_after_s} s")
@@ -107,7 +108,9 @@ class RemoteModel:
         call = asyncio.ensure_future(self._rank(queries))
         self._in_flight.add(call)
         try:
-            return await call
+            results = await call
+            self._seen_ready = True
+            return results
         except self._transport_errors as exc:
             self._went_down(exc)
             raise self._unavailable() from None
@@ -134,7 +137,10 @@ class RemoteModel:
         # Half a second: the Ranker answers /readyz from its event loop while the model runs in a
         # thread, and a dead worker's calls hang on the arbiter's socket rather than fail.
         if await self._reachable(0.5):
+            self._seen_ready = True
             return True
+        if not self._seen_ready and not self._in_flight:
+            return False  # still starting (no worker has answered yet): not ready, nothing went down
         self._went_down(TimeoutError("its /readyz did not answer 200 within 0.5 s"))
         return False
 
