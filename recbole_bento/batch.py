@@ -59,6 +59,8 @@ ADDED = pa.schema(
     ]
 )
 MAX_REPORTED = 20  # bad rows named one by one on stderr; the rest are counted
+# what reading or writing a file raises: the run stops with its message as the one line
+FILE_ERRORS = (OSError, pa.ArrowException, csv.Error, UnicodeDecodeError)
 
 
 class BatchError(Exception):
@@ -485,7 +487,7 @@ def _naming(source: Path) -> Iterator[None]:
     """An input that cannot be read: the reason, with the file's name."""
     try:
         yield
-    except (OSError, pa.ArrowException, csv.Error, UnicodeDecodeError) as exc:
+    except FILE_ERRORS as exc:
         raise BatchError(f"{source}: {exc}") from None
 
 
@@ -532,7 +534,7 @@ def _score_in_child(
     except (BrokenPipeError, EOFError, ConnectionResetError):
         return
     except Exception as exc:
-        known = (BatchError, OSError, pa.ArrowException, csv.Error, UnicodeDecodeError)
+        known = (BatchError, *FILE_ERRORS)
         # a bug: still one line for the user, with what it was
         reason = str(exc) if isinstance(exc, known) else f"internal error: {type(exc).__name__}: {exc}"
         with contextlib.suppress(OSError):
@@ -660,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         written, skipped = run(args, progress=not args.no_progress)
-    except (BatchError, ArtifactError, OSError, pa.ArrowException, csv.Error, UnicodeDecodeError) as exc:
+    except (BatchError, ArtifactError, *FILE_ERRORS) as exc:
         print("recbole-bento-batch: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
     except Interrupted:
