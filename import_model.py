@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # RecBole 1.2.1 vs pandas 2.x
 
     from recbole_bento.core.artifact import ArtifactError
-    from recbole_bento.core.importer import ImportRefused, import_checkpoint, parse_labels, stored_size
+    from recbole_bento.core.importer import ImportRefused, import_checkpoint, parse_labels
     from recbole_bento.core.models import UnsupportedModelError
+    from recbole_bento.core.store import stored_size
 
     show = sys.stderr.isatty() if args.progress is None else args.progress
     progress = StderrProgress(transient=sys.stderr.isatty()) if show else None

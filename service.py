@@ -48,7 +48,11 @@ BODIES = requests_for(_ATTRIBUTES.kinds() if _ATTRIBUTES else {})
 DEVICE = STARTED.device
 TRACING = STARTED.tracing
 LAYOUT = topology.choose(
-    SETTINGS, DEVICE, int(STARTED.model.info.metadata["item_count"]), topology.available_cores()
+    SETTINGS,
+    DEVICE,
+    topology.available_cores(),
+    topology.model_copy_bytes(store.stored_size(STARTED.model)),
+    topology.available_memory(),
 )
 ACCESS_LOG = {"access": {"enabled": bool(SETTINGS.access_log)}}  # off unless asked: docs/configuration.md
 # The JSON endpoints: each @bentoml.api method below and the fast path (edge/fast_path.py) answer

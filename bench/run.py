@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -525,9 +526,29 @@ def best(phases: list[Phase]) -> dict:
     }
 
 
-def ceiling(fx: Fixture, batches: list[int], args: argparse.Namespace) -> list[dict]:
+LAYOUT_LINE = re.compile(
+    r"topology (\w+) .*: (\d+) API worker\(s\), (?:(\d+) model worker\(s\)|the model in each of them)"
+    r".*?, (\d+) torch thread\(s\) each"
+)
+
+
+def served_layout(log: str) -> dict:
+    """The layout the service logged at start-up: its topology, how many processes hold the model,
+    and the torch threads of each."""
+    found = LAYOUT_LINE.search(log)
+    if not found:
+        raise SystemExit(f"no 'topology ...' line in the service's log:\n{log[-2000:]}")
+    topology, api, rankers, threads = found.groups()
+    holders = int(rankers) if topology == "split" else int(api)
+    return {"topology": topology, "processes": holders, "threads": int(threads)}
+
+
+def ceiling(fx: Fixture, batches: list[int], layout: dict, args: argparse.Namespace) -> list[dict]:
+    """The engine in the service's layout: as many processes as hold the model, each with the
+    service's torch threads, all ranking at once."""
     cmd = ["taskset", "-c", args.server_cores, sys.executable, str(BENCH / "ceiling.py"), fx.tag]
-    cmd += ["--threads", str(args.ceiling_threads), "--budget", str(args.ceiling_budget)]
+    cmd += ["--threads", str(layout["threads"]), "--processes", str(layout["processes"])]
+    cmd += ["--budget", str(args.ceiling_budget)]
     cmd += ["--batches", ",".join(map(str, batches))]
     return [json.loads(line) for line in _run(cmd).splitlines() if line.startswith("{")]
 
@@ -635,7 +656,13 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             "In-process ceiling at the batch sizes that formed (mean `recbole_bento_batch_size` of the "
-            "service's phases at that concurrency), and the service's best req/s against it:",
+            "service's phases at that concurrency), in the service's layout (as many processes as hold "
+            "the model, each with its torch threads, all ranking at once: "
+            + "; ".join(
+                f"{cat}: {lay['processes']} x {lay['threads']} thread(s), {lay['topology']}"
+                for cat, lay in report["layout"].items()
+            )
+            + "), and the service's best req/s against it:",
             "",
             "| catalogue | c | mean batch | engine seq/s | naive seq/s | served req/s | served / ceiling |",
             "|---|---:|---:|---:|---:|---:|---:|",
@@ -718,7 +745,6 @@ def main() -> None:
     parser.add_argument("--server-cores", default=servers, help="taskset list for every server")
     parser.add_argument("--generator-cores", default=generator, help="taskset list for wrk")
     parser.add_argument("--parity", type=int, default=20, help="histories checked against the service")
-    parser.add_argument("--ceiling-threads", type=int, default=0, help="0 = torch's default, as shipped")
     parser.add_argument("--ceiling-budget", type=float, default=2.0, help="0 = skip the ceiling")
     parser.add_argument("--reimport", action="store_true", help="re-import to re-measure the import time")
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/ alone")
@@ -748,6 +774,7 @@ def main() -> None:
         "ready_s": {},
         "idle_cores": {},
         "fixtures": {},
+        "layout": {},
         "ceiling": {},
         "served_vs_ceiling": {},
         "phases": [],
@@ -769,6 +796,8 @@ def main() -> None:
                     with start_side(side, fx, args, probe) as server:
                         if side not in answers:  # first start of this side
                             report["ready_s"][cat][side] = round(server.ready_s, 1)
+                            if side == "service":
+                                report["layout"][cat] = served_layout(server.log.read_text())
                             report["idle_cores"][cat][side] = idle_cpu_share(server)
                             answers[side] = top_lists(server, bodies, args.parity)
                         for c in args.concurrencies:
@@ -797,7 +826,7 @@ def main() -> None:
         if args.ceiling_budget > 0 and formed:
             batches = sorted({max(1, round(b)) for b in formed.values()})
             print(f"[{cat}] in-process ceiling at batches {batches} ...", flush=True)
-            report["ceiling"][cat] = rows = ceiling(fx, batches, args)
+            report["ceiling"][cat] = rows = ceiling(fx, batches, report["layout"][cat], args)
             by_batch = {r["batch"]: r for r in rows}
             report["served_vs_ceiling"][cat] = {}
             for c, mean_batch in formed.items():

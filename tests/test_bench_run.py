@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from conftest import ROOT
+
+from recbole_bento.edge import topology
+from recbole_bento.settings import Settings
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -63,3 +67,17 @@ def test_targets_compare_within_a_pairing_and_against_the_best_peer() -> None:
     assert got["ml-100k c=32 req/s"] == (1.1, False)  # LitServe's pairing decides
     assert got["ml-100k c=32 p99"] == (0.5, True)
     assert got["ml-100k c=32 for 60 s: service errors"] == (0, True)
+
+
+def test_ceiling_layout_is_read_from_the_services_own_log_line() -> None:
+    """The ceiling runs in the layout the service logged: its line (topology.Layout.describe), as
+    written, for both topologies; a log without it stops the run."""
+    gib = 2**30
+    inprocess = topology.choose(Settings(), "cpu", 2, gib, 24 * gib)
+    split = topology.choose(Settings(), "cpu", 16, gib, 24 * gib)
+    log = f"2026-11-28 INFO [recbole_bento] loaded sasrec:v1 on cpu; {inprocess.describe()}\n"
+    assert run.served_layout(log) == {"topology": "inprocess", "processes": 2, "threads": 1}
+    expected = {"topology": "split", "processes": 2, "threads": 8}
+    assert run.served_layout("...; " + split.describe()) == expected
+    with pytest.raises(SystemExit, match="no 'topology ...' line"):
+        run.served_layout("loaded sasrec:v1 on cpu\n")

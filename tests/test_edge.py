@@ -394,30 +394,53 @@ def test_calls_hanging_on_a_dead_worker_get_503_once_it_is_known_down():
 # ------------------------------------------------------------------ topology
 
 
+GIB = 2**30
+
+
 @pytest.mark.parametrize(
-    ("env", "device", "items", "cores", "expected"),
+    ("env", "device", "cores", "copy_gib", "memory_gib", "expected"),
     [
-        ({}, "cpu", 1_682, 2, ("inprocess", 2, 0, 1)),
-        ({}, "cpu", 1_000_000, 2, ("split", 2, 2, 1)),
-        ({}, "cpu", 1_000_000, 16, ("split", 2, 2, 8)),
-        ({}, "cuda", 1_682, 8, ("split", 2, 1, 8)),
-        ({}, "cpu", 1_682, 8, ("inprocess", 8, 0, 1)),
-        ({"TOPOLOGY": "split", "API_WORKERS": "1"}, "cpu", 10, 2, ("split", 1, 2, 1)),
-        ({"TOPOLOGY": "inprocess", "TORCH_THREADS": "2"}, "cuda", 10**6, 2, ("inprocess", 2, 0, 2)),
+        ({}, "cpu", 2, 0.4, 24, ("inprocess", 2, 0, 1)),  # ml-100k
+        ({}, "cpu", 2, 1.4, 24, ("inprocess", 2, 0, 1)),  # 1M items
+        ({}, "cpu", 8, 0.4, 24, ("inprocess", 8, 0, 1)),
+        ({}, "cpu", 16, 1.4, 24, ("split", 2, 2, 8)),  # 16 copies would not fit in 12 GiB
+        ({}, "cpu", 16, 8, 24, ("split", 2, 1, 16)),  # nor would two
+        ({}, "cpu", 2, 1.4, 4, ("split", 2, 1, 2)),  # a 4 GiB container
+        ({}, "cuda", 8, 0.4, 24, ("split", 2, 1, 8)),
+        ({"API_WORKERS": "4"}, "cpu", 16, 1.4, 24, ("inprocess", 4, 0, 4)),  # 4 copies fit
+        ({"TOPOLOGY": "split", "API_WORKERS": "1"}, "cpu", 2, 0.1, 24, ("split", 1, 2, 1)),
+        ({"TOPOLOGY": "inprocess", "TORCH_THREADS": "2"}, "cuda", 2, 1.4, 24, ("inprocess", 2, 0, 2)),
     ],
 )
-def test_topology_default_follows_device_and_catalogue(env, device, items, cores, expected):
+def test_topology_default_follows_device_and_model_memory(env, device, cores, copy_gib, memory_gib, expected):
     settings = Settings.from_env({f"RECBOLE_BENTO_{k}": v for k, v in env.items()})
-    layout = topology.choose(settings, device, items, cores)
+    layout = topology.choose(settings, device, cores, int(copy_gib * GIB), int(memory_gib * GIB))
     assert (layout.topology, layout.api_workers, layout.ranker_workers, layout.torch_threads) == expected
     holders = layout.ranker_workers if layout.split else layout.api_workers
-    if not env:  # the defaults never put more torch threads than cores
+    if not env:  # the defaults never put more torch threads than cores, nor more copies than fit
         assert holders * layout.torch_threads <= cores
+        if device == "cpu":
+            assert holders * copy_gib <= max(copy_gib, memory_gib / 2)
+
+
+def test_topology_says_why_in_its_log_line():
+    layout = topology.choose(Settings(), "cpu", 2, int(1.4 * GIB), 4 * GIB)
+    assert layout.describe() == (
+        "topology split (CPU, 2 model copies of ~1.4 GiB exceed half of 4.0 GiB: shared model copies): "
+        "2 API worker(s), 1 model worker(s), 2 torch thread(s) each"
+    )
+
+
+def test_model_memory_estimate_and_limits_read_from_this_machine():
+    assert topology.model_copy_bytes(263 * 2**20) == topology.RUNTIME_BYTES + 4 * 263 * 2**20
+    # the same value each call (every BentoML process computes the layout on its own)
+    assert topology.available_memory() == topology.available_memory() > 0
+    assert topology.available_cores() >= 1
 
 
 def test_topology_refuses_an_unknown_value():
     with pytest.raises(ValueError, match="RECBOLE_BENTO_TOPOLOGY='both': use auto, split or inprocess"):
-        topology.choose(Settings(topology="both"), "cpu", 10, 2)
+        topology.choose(Settings(topology="both"), "cpu", 2, GIB, 8 * GIB)
 
 
 # ------------------------------------------------------------------ drain

@@ -226,10 +226,6 @@ def build_metadata(checkpoint: dict[str, Any], directory: Path, artifact: Any, s
     return {k: v for k, v in metadata.items() if v is not None}  # the model store refuses None
 
 
-def stored_size(model: bentoml.Model) -> int:
-    return sum(p.stat().st_size for p in Path(model.path).iterdir() if p.is_file())
-
-
 def import_checkpoint(
     checkpoint_path: Path,
     *,

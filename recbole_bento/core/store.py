@@ -60,6 +60,11 @@ def import_archive(path: Path, home: Path) -> bentoml.Model:
     return _ours(model)
 
 
+def stored_size(model: bentoml.Model) -> int:
+    """Bytes of the model's stored files."""
+    return sum(p.stat().st_size for p in Path(model.path).iterdir() if p.is_file())
+
+
 def verify(model: bentoml.Model) -> None:
     """Check every stored file against the sha256 recorded at import (ArtifactError names the file)."""
     verify_digests(Path(model.path), model.info.metadata.get("files", {}))
