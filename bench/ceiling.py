@@ -17,14 +17,13 @@ import json
 import multiprocessing
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 
-def _calls_within(
-    fn: Callable[[], object], start: multiprocessing.synchronize.Barrier, budget_s: float
-) -> int:
+def _calls_within(fn: Callable[[], object], start: Any, budget_s: float) -> int:
     fn()  # warm-up
     start.wait()
     deadline = time.perf_counter() + budget_s
@@ -35,28 +34,10 @@ def _calls_within(
     return calls
 
 
-def _rate(fn: Callable[[], object], batch: int, budget_s: float, processes: int) -> float:
-    """Sequences/s of *processes* processes calling *fn* (on a batch of *batch*) for *budget_s* at
-    once: forked from this one, so each holds the same model (copy-on-write), as serving workers do."""
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Barrier(processes)
-    counts = ctx.Queue()
-
-    def worker() -> None:
-        counts.put(_calls_within(fn, start, budget_s))
-
-    children = [ctx.Process(target=worker) for _ in range(processes - 1)]
-    for child in children:
-        child.start()
-    calls = _calls_within(fn, start, budget_s) + sum(counts.get() for _ in children)
-    for child in children:
-        child.join()
-    return calls * batch / budget_s
-
-
-def measure(
-    tag: str, batches: list[int], threads: int, processes: int = 1, budget_s: float = 2.0, seed: int = 0
-) -> list[dict]:
+def _steps(
+    tag: str, batches: list[int], threads: int, seed: int
+) -> Iterator[tuple[int, str, Callable[[], object]]]:
+    """(batch, "naive" | "engine", the call to time), in the same order in every process."""
     from recbole_bento.core import store
     from recbole_bento.core.engine import Engine
     from recbole_bento.core.ranking import RankQuery, apply_masks
@@ -64,34 +45,64 @@ def measure(
     if threads:
         torch.set_num_threads(threads)
     engine = Engine(store.load(store.resolve(tag)))
-    window = engine.artifact.window
     gen = torch.Generator().manual_seed(seed)
-    rows = []
     for batch in batches:
         queries = [
-            RankQuery(torch.randint(1, engine.n_items, (window,), generator=gen).tolist(), 10)
+            RankQuery(torch.randint(1, engine.n_items, (engine.artifact.window,), generator=gen).tolist(), 10)
             for _ in range(batch)
         ]
 
         @torch.inference_mode()
-        def naive(queries=queries) -> None:
+        def naive(queries: list = queries) -> None:
             scores = engine.model.full_sort_predict(engine.interaction(queries)).view(len(queries), -1)
             apply_masks(scores, queries)
             torch.topk(scores, 10, dim=1)
 
-        rows.append(
-            {
-                "model": tag,
-                "items": engine.n_items - 1,
-                "threads": torch.get_num_threads(),
-                "processes": processes,
-                "batch": batch,
-                "naive_seq_s": round(_rate(naive, batch, budget_s, processes), 1),
-                "engine_seq_s": round(_rate(lambda q=queries: engine.rank(q), batch, budget_s, processes), 1),
-                "block_topk": engine.block is not None,
-            }
-        )
-    return rows
+        yield batch, "naive", naive
+        yield batch, "engine", lambda q=queries: engine.rank(q)
+
+
+def _process(
+    tag: str, batches: list[int], threads: int, seed: int, budget_s: float, start: Any, out: Any
+) -> None:
+    """One of the processes: each step's call count into *out*."""
+    warnings.filterwarnings("ignore")
+    for _, _, call in _steps(tag, batches, threads, seed):
+        out.put(_calls_within(call, start, budget_s))
+
+
+def measure(
+    tag: str, batches: list[int], threads: int, processes: int = 1, budget_s: float = 2.0, seed: int = 0
+) -> list[dict]:
+    """Each step timed in *processes* processes at once (this one and freshly spawned ones, each
+    loading the model as a serving worker does; forked ones could not use torch's thread pool)."""
+    ctx = multiprocessing.get_context("spawn")
+    start, counts = ctx.Barrier(processes), ctx.Queue()
+    args = (tag, batches, threads, seed, budget_s, start, counts)
+    others = [ctx.Process(target=_process, args=args, daemon=True) for _ in range(processes - 1)]
+    for other in others:
+        other.start()
+    rates: dict[tuple[int, str], float] = {}
+    for batch, mode, call in _steps(tag, batches, threads, seed):
+        calls = _calls_within(call, start, budget_s) + sum(counts.get(timeout=600) for _ in others)
+        rates[batch, mode] = round(calls * batch / budget_s, 1)
+    for other in others:
+        other.join()
+    from recbole_bento.core import store
+
+    n_items = int(store.resolve(tag).info.metadata["item_count"])
+    return [
+        {
+            "model": tag,
+            "items": n_items,
+            "threads": torch.get_num_threads(),
+            "processes": processes,
+            "batch": batch,
+            "naive_seq_s": rates[batch, "naive"],
+            "engine_seq_s": rates[batch, "engine"],
+        }
+        for batch in batches
+    ]
 
 
 def main() -> None:
