@@ -43,7 +43,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from .core import store
 from .core.artifact import ArtifactError
-from .core.engine import Engine
+from .core.engine import Engine, TopK
 from .core.planner import Plan, Planner, RequestError
 from .core.ranking import RankQuery, RankResult
 from .edge.schemas import RecommendRequest
@@ -233,11 +233,21 @@ class Scorer:
 
     def rank_queries(self, queries: list[RankQuery]) -> list[RankResult]:
         """The model's answers, in batches of ``Options.batch_size``."""
+        return self.results(queries, self.top_k(queries))
+
+    def top_k(self, queries: list[RankQuery]) -> list[TopK]:
+        """The model's part of ``rank_queries``: ``Engine.top_k`` of each batch."""
         size = self.options.batch_size
+        return [self.engine.top_k(queries[start : start + size]) for start in range(0, len(queries), size)]
+
+    def results(self, queries: list[RankQuery], tops: list[TopK]) -> list[RankResult]:
+        """``top_k(queries)`` decoded (``Engine.results``), batch by batch, in order."""
+        size = self.options.batch_size
+        starts = range(0, len(queries), size)
         return [
             r
-            for start in range(0, len(queries), size)
-            for r in self.engine.rank(queries[start : start + size])
+            for start, top in zip(starts, tops, strict=True)
+            for r in self.engine.results(queries[start : start + size], top)
         ]
 
     def finish(self, pending: Pending) -> Scored:
@@ -495,7 +505,8 @@ def _score_in_child(
     scorer: Scorer, reader: Reader, source: Path, tmp: Path, format: str, model: Connection
 ) -> None:
     """The forked process's part: read and plan each chunk, send its rankable queries to *model*,
-    and finish and write the chunk before it with the results that come back. Tells *model*
+    and finish and write the chunk before it with the top-k that come back (decoded here:
+    ``Scorer.results``). Tells *model*
     ("written", (rows, skipped rows [(number, reason)])) per chunk, then ("done", None), or
     ("error", one line). SIGINT is the command's to handle (it stops this process), and a command
     gone (a closed pipe) ends it quietly."""
@@ -507,7 +518,7 @@ def _score_in_child(
     writer = Writer(tmp, format)
 
     def finish(pending: Pending) -> None:
-        pending.ranked = model.recv()
+        pending.ranked = scorer.results(pending.rankable(), model.recv())
         scored = scorer.finish(pending)
         if scored.bad and not scorer.options.skip_bad_rows:
             raise BatchError("row {}: {}".format(*scored.bad[0]))
@@ -584,7 +595,7 @@ def _pipeline(
             kind, value = inbox.get()
             if kind == "rank":
                 try:
-                    here.send(scorer.rank_queries(value))
+                    here.send(scorer.top_k(value))
                 except (BrokenPipeError, ConnectionResetError):  # the child is gone: receive() says why
                     while kind != "error":
                         kind, value = inbox.get()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
@@ -77,6 +79,15 @@ def build_model(artifact: Artifact, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+@dataclass
+class TopK:
+    """A batch's top-k as ``Engine.top_k`` ranks it, before ``Engine.results`` decodes it: per query
+    kind, the rows of that kind with their [rows, k] scores and item ids, as NumPy arrays (a
+    process that only ranks sends these to the one that decodes: two buffers, not k objects a row)."""
+
+    parts: list[tuple[list[int], np.ndarray, np.ndarray]]
+
+
 class Engine:
     def __init__(self, artifact: Artifact, device: str | None = None, block_items: int = 8192) -> None:
         self.artifact = artifact
@@ -114,21 +125,32 @@ class Engine:
         out = self.model.full_sort_predict(self.interaction(queries))
         return out.view(len(queries), -1)[:, : self.n_items]
 
-    @torch.inference_mode()
     def rank(self, queries: Sequence[RankQuery]) -> list[RankResult]:
         """Answer a batch of queries of either kind, in order; ``explain`` ones get ``because``."""
-        results: list[RankResult | None] = [None] * len(queries)
+        return self.results(queries, self.top_k(queries))
+
+    @torch.inference_mode()
+    def top_k(self, queries: Sequence[RankQuery]) -> TopK:
+        """The model's part of ``rank``: each kind's rows and their top-k, not yet decoded."""
+        parts = []
         for kind, topk in (("next", self._next_topk), ("similar", self._similar_topk)):
             rows = [row for row, query in enumerate(queries) if query.kind == kind]
             if not rows:
                 continue
             part = [queries[row] for row in rows]
             values, indices = topk(part, min(max(q.topk for q in part), self.n_items))
-            # as Python lists once: per-row tensor indexing costs more than the model on small catalogues
-            for row, query, vals, ids in zip(rows, part, values.tolist(), indices.tolist(), strict=True):
-                kept = [
-                    (i, v) for i, v in zip(ids[: query.topk], vals[: query.topk], strict=True) if v > NEG_INF
-                ]
+            parts.append((rows, values.cpu().numpy(), indices.cpu().numpy()))
+        return TopK(parts)
+
+    def results(self, queries: Sequence[RankQuery], top: TopK) -> list[RankResult]:
+        """*top* (``top_k(queries)``) as one RankResult per query, in order: each query's own k
+        items, masked ones left out; ``explain`` ones get ``because``."""
+        results: list[RankResult | None] = [None] * len(queries)
+        for rows, values, indices in top.parts:
+            # as Python lists once: per-row indexing costs more than the model on small catalogues
+            for row, vals, ids in zip(rows, values.tolist(), indices.tolist(), strict=True):
+                k = queries[row].topk
+                kept = [(i, v) for i, v in zip(ids[:k], vals[:k], strict=True) if v > NEG_INF]
                 results[row] = RankResult([i for i, _ in kept], [v for _, v in kept])
         for query, result in zip(queries, results, strict=True):
             if query.explain and result is not None:
