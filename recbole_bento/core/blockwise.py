@@ -90,7 +90,6 @@ class BlockTopK:
         # are 1 (RECBOLE_BENTO_TORCH_THREADS=1): no OpenMP barrier to stall on a busy machine.
         self.threads = threads if threads is not None else default_threads()
         self._pool: ThreadPoolExecutor | None = None
-        self._pool_pid = 0  # a forked child (bench/ceiling.py, a worker) inherits no pool threads
 
     def _per_chunk(self, row_values: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """[n_chunks] fp32: the largest of row_values(table rows) in each chunk (0 past the end),
@@ -137,9 +136,8 @@ class BlockTopK:
         if parts <= 1:
             self._blocks(starts, *args)
         else:
-            if self._pool is None or self._pool_pid != os.getpid():
+            if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="block-topk")
-                self._pool_pid = os.getpid()
             size = -(-len(starts) // parts)
             futures = [
                 self._pool.submit(self._blocks, starts[i : i + size], *args)
