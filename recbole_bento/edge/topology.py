@@ -4,14 +4,13 @@ Two layouts (``RECBOLE_BENTO_TOPOLOGY``):
 
 * ``split``: the public ``Recommender`` calls a batchable ``Ranker`` service (``bentoml.depends``)
   that holds the model. One model copy serves every API worker, and batches gather the traffic of
-  all of them: what a GPU wants (one copy in device memory), and a large catalogue on CPU (one
-  copy of a big item table, large batches over it). Each batch costs an inter-service HTTP hop.
+  all of them: what a GPU wants (one copy in device memory), and a CPU machine whose memory
+  cannot hold a copy per API worker. Each batch costs an inter-service HTTP hop.
 * ``inprocess``: each API worker holds the model and batches its own requests (``edge/batcher.py``);
-  no second service, no hop. What a small catalogue on CPU wants: the hop costs more than the
-  model there, and a model copy per worker is cheap.
+  no second service, no hop. What CPU serving wants wherever the copies fit.
 
 ``auto`` (unset): ``split`` on CUDA. On CPU ``inprocess``, as long as one model copy per API
-worker fits in half the memory this process may use (``fits``); ``split`` when it does not. On CPU
+worker fits in half the memory this process may use; ``split`` when it does not. On CPU
 ``inprocess`` was faster than ``split`` at every load on both benchmark catalogues, 1,682 and
 1,000,000 items, and took less memory in total (docs/benchmarks.md): ``split`` keeps a model copy
 per Ranker worker *and* the vocabulary in every API worker. Worker and thread counts left at 0 are
