@@ -142,6 +142,7 @@ class Engine:
             parts.append((rows, values.cpu().numpy(), indices.cpu().numpy()))
         return TopK(parts)
 
+    @torch.inference_mode()  # ``because`` runs torch ops, as it did inside ``rank``
     def results(self, queries: Sequence[RankQuery], top: TopK) -> list[RankResult]:
         """*top* (``top_k(queries)``) as one RankResult per query, in order: each query's own k
         items, masked ones left out; ``explain`` ones get ``because``."""
