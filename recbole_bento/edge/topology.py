@@ -73,24 +73,24 @@ def choose(settings: Settings, device: str, cores: int, copy_bytes: int, memory_
     if requested not in ("auto", *TOPOLOGIES):
         raise ValueError(f"RECBOLE_BENTO_TOPOLOGY={settings.topology!r}: use auto, split or inprocess")
     on_cuda = device.startswith("cuda")
+    fit = memory_bytes // 2 // max(1, copy_bytes)  # model copies that fit in half the memory
+    in_process_api = settings.api_workers or cores
     if requested != "auto":
         topology, reason = requested, "RECBOLE_BENTO_TOPOLOGY"
     elif on_cuda:
         topology, reason = "split", "CUDA: one model copy shared by every API worker"
     else:
-        copies = settings.api_workers or cores
-        need = f"{copies} model copies of ~{copy_bytes / 2**30:.1f} GiB"
+        need = f"{in_process_api} model copies of ~{copy_bytes / 2**30:.1f} GiB"
         half = f"half of {memory_bytes / 2**30:.1f} GiB"
-        if copies * copy_bytes <= memory_bytes // 2:
+        if in_process_api <= fit:
             topology, reason = "inprocess", f"CPU, {need} fit in {half}: no inter-service hop"
         else:
             topology, reason = "split", f"CPU, {need} exceed {half}: shared model copies"
     if topology == "inprocess":
-        api = settings.api_workers or cores
-        return Layout(topology, reason, api, 0, settings.torch_threads or max(1, cores // api))
+        threads = settings.torch_threads or max(1, cores // in_process_api)
+        return Layout(topology, reason, in_process_api, 0, threads)
     api = settings.api_workers or min(SPLIT_CPU_WORKERS, cores)
-    fit = max(1, memory_bytes // 2 // max(1, copy_bytes))
-    rankers = settings.ranker_workers or (1 if on_cuda else min(SPLIT_CPU_WORKERS, cores, fit))
+    rankers = settings.ranker_workers or (1 if on_cuda else min(SPLIT_CPU_WORKERS, cores, max(1, fit)))
     return Layout(topology, reason, api, rankers, settings.torch_threads or max(1, cores // rankers))
 
 
