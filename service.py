@@ -26,7 +26,7 @@ from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
 from recbole_bento.edge import fast_path, guard, lifecycle, observability, startup, topology
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
-from recbole_bento.edge.schemas import (
+from recbole_bento.schemas import (
     ModelInfo,
     RecommendBatchResponse,
     RecommendRequest,

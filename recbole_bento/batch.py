@@ -46,7 +46,7 @@ from .core.artifact import ArtifactError
 from .core.engine import Engine, TopK
 from .core.planner import Plan, Planner, RequestError
 from .core.ranking import RankQuery, RankResult
-from .edge.schemas import RecommendRequest
+from .schemas import RecommendRequest
 from .settings import SETTINGS
 
 FORMATS = (".jsonl", ".csv", ".parquet")

@@ -34,7 +34,7 @@ from recbole_bento.core.ranking import (
     popularity_order,
 )
 from recbole_bento.core.safe_pickle import load_dataset_pickle
-from recbole_bento.edge.schemas import RecommendResponse
+from recbole_bento.schemas import RecommendResponse
 
 
 def post(url: str, path: str, body: object) -> httpx.Response:

@@ -28,7 +28,7 @@ from recbole_bento.edge.request_path import (
     RemoteModel,
     RequestPath,
 )
-from recbole_bento.edge.schemas import RecommendRequest, SimilarItemsRequest, SimilarItemsResponse
+from recbole_bento.schemas import RecommendRequest, SimilarItemsRequest, SimilarItemsResponse
 from recbole_bento.settings import Settings
 
 ITEMS = ["[PAD]", "a", "b", "c", "d", "e"]

@@ -3,9 +3,9 @@ to the answer: the one implementation of id mapping, the request rules that depe
 the popularity fallback and decoding. The HTTP service, the batch scorer and Spark all use it, so
 the same request gets the same answer whichever way it comes in.
 
-A request is anything with the fields of ``edge.schemas.RecommendRequest`` (``sequence``, ``topk``,
+A request is anything with the fields of ``schemas.RecommendRequest`` (``sequence``, ``topk``,
 ``user_id``, ``exclude_seen``, ``exclude``, ``candidates``, ``filters``, ``explain``), already
-validated for shape and types; a similar-items request has ``edge.schemas.SimilarItemsRequest``'s.
+validated for shape and types; a similar-items request has ``schemas.SimilarItemsRequest``'s.
 Filters are checked here against the stored item attributes and travel to the ranker in their
 normalised form (a few values, not an allow-list over the catalogue): the ranker compiles them
 against its own copy of the attributes.

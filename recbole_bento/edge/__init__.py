@@ -1,1 +1,2 @@
-"""The BentoML HTTP edge: schemas, request guard, lifecycle, observability, BentoML internals."""
+"""The BentoML HTTP edge: the request guard, the request path, the fast path, topology, lifecycle,
+observability. BentoML's internals live in ``recbole_bento.bentoml_compat``."""

@@ -31,9 +31,7 @@ from starlette.responses import Response
 
 from ..core.planner import Plan, Planner, RequestError
 from ..core.ranking import RankQuery, RankResult
-from . import observability
-from .batcher import Batcher, Overloaded
-from .schemas import (
+from ..schemas import (
     RankedItems,
     RecommendBatchRequest,
     RecommendRequest,
@@ -41,6 +39,8 @@ from .schemas import (
     SimilarItemsRequest,
     SimilarItemsResponse,
 )
+from . import observability
+from .batcher import Batcher, Overloaded
 
 logger = logging.getLogger("recbole_bento")
 

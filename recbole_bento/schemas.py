@@ -17,7 +17,7 @@ from pydantic import (
     create_model,
 )
 
-from ..settings import SETTINGS
+from .settings import SETTINGS
 
 ItemId = Annotated[
     StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=SETTINGS.max_id_length)],
