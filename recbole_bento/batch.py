@@ -252,18 +252,18 @@ class Scorer:
 
     def finish(self, pending: Pending) -> Scored:
         """The chunk's rows with the answer columns added; bad rows dropped and listed."""
-        ranked = iter(pending.ranked)
-        answers: list[dict[str, Any]] = []
+        plans: list[Plan] = []
         keep: list[int] = []
         bad: list[tuple[int, str]] = []
         for i, (number, plan) in enumerate(zip(pending.chunk.numbers, pending.plans, strict=True)):
             if isinstance(plan, str):
                 bad.append((number, plan))
-                continue
-            result = next(ranked) if plan.rankable else self.planner.popular(plan)
-            answer = self.planner.answer(plan, result)
-            answers.append({name: answer[name] for name in ADDED.names})  # the same columns in every format
-            keep.append(i)
+            else:
+                plans.append(plan)
+                keep.append(i)
+        answers = [  # the same columns in every format
+            {name: a[name] for name in ADDED.names} for a in self.planner.answers(plans, pending.ranked)
+        ]
         data = pending.chunk.data
         if isinstance(data, list):
             return Scored([{**data[i], **answer} for i, answer in zip(keep, answers, strict=True)], bad)

@@ -13,6 +13,7 @@ against its own copy of the attributes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -160,6 +161,14 @@ class Planner:
     def popular(self, plan: Plan) -> RankResult:
         """The popularity fallback's answer to *plan*, masked as the model's answers are."""
         return popular_topk(self.by_popularity, self.popularity, plan.query, self.compile_filter)
+
+    def answers(self, plans: Iterable[Plan], ranked: Iterable[RankResult]) -> Iterator[dict[str, Any]]:
+        """The response fields of each of *plans*, in order: a rankable plan's from the next of
+        *ranked* (the model's results for the rankable plans, in their order), the others' from the
+        popularity fallback. The one answer step of every way in (HTTP, batch, Spark)."""
+        results = iter(ranked)
+        for plan in plans:
+            yield self.answer(plan, next(results) if plan.rankable else self.popular(plan))
 
     def answer(self, plan: Plan, result: RankResult) -> dict[str, Any]:
         """The response fields for *plan* answered with *result*: ``RecommendResponse``'s, or
