@@ -6,7 +6,7 @@ Writes ``--rows`` random full-window histories (item ids from the model's catalo
 file (and ``--format parquet``/``csv`` if asked), then alternately, ``--rounds`` times:
   - ``engine``: ``Engine.rank`` over the rows' queries in batches of ``--batch`` (what
     bench/ceiling.py's ``engine`` column times, here sustained over the whole input, not best-of);
-  - ``batch``: ``recbole_bento.batch.score_file`` on the file (read, validate, map, rank, decode,
+  - ``batch``: ``recbole_bento.batch.pipeline.score_file`` on the file (read, validate, map, rank, decode,
     write), with the model already loaded.
 Prints one JSON line per round and the median and best ratios batch/engine (rounds alternate,
 so both see the same machine). ``--peak-rss`` instead runs the
@@ -127,12 +127,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from recbole_bento import batch
+    from recbole_bento.batch.files import Reader
+    from recbole_bento.batch.pipeline import score_file
+    from recbole_bento.batch.scorer import Options, Scorer
     from recbole_bento.core import store
 
     torch.set_num_threads(args.threads)
     stored = store.resolve(args.tag)
-    scorer = batch.Scorer(stored, batch.Options(batch_size=args.batch))
+    scorer = Scorer(stored, Options(batch_size=args.batch))
     loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the model, loaded: per worker
     tokens = scorer.planner.item_tokens[1:]
     work = Path(tempfile.mkdtemp(prefix="batch-bench-"))
@@ -170,7 +172,7 @@ def main() -> None:
             )
         )
         return
-    queries = [p.query for c in batch.Reader(source, 100_000) for p in scorer.plan(c).plans]
+    queries = [p.query for c in Reader(source, 100_000) for p in scorer.plan(c).plans]
     ratios = []
     for rnd in range(args.rounds):
         start = time.perf_counter()
@@ -178,7 +180,7 @@ def main() -> None:
             scorer.engine.rank(queries[i : i + args.batch])
         engine_s = len(queries) / (time.perf_counter() - start)
         start = time.perf_counter()
-        batch.score_file(scorer, source, work / f"out.{args.format}", progress=False)
+        score_file(scorer, source, work / f"out.{args.format}", progress=False)
         batch_s = args.rows / (time.perf_counter() - start)
         ratios.append(batch_s / engine_s)
         print(

@@ -7,7 +7,7 @@
 is exported to a temporary file). The file is shipped with the job (``SparkContext.addFile``);
 each Python worker imports it once into a temporary private BentoML home and keeps the loaded model
 for every later partition (``_SCORERS``); the function Spark pickles carries only the file's name
-and the options. Rows are scored with ``batch.Scorer``, the single-machine command's own code, on Arrow
+and the options. Rows are scored with ``batch.scorer.Scorer``, the single-machine command's own code, on Arrow
 batches (``mapInArrow``): the answers are those of /recommend for the same rows.
 
 Executors must run the Python environment this package is installed in (``PYSPARK_PYTHON`` or
@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .batch import ADDED, BatchError, Chunk, Options, Scorer, check_columns, check_request_fields
+from .batch.scorer import ADDED, BatchError, Chunk, Options, Scorer, check_columns, check_request_fields
 from .core import store
 from .core.planner import Planner
 from .settings import SETTINGS

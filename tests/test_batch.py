@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, assert_same_topk, batch_rows, import_ok, recbole_reference
 
 from recbole_bento import batch
+from recbole_bento.batch.scorer import Scorer
 from recbole_bento.core import store
 
 ADDED = ["item_list", "score_list", "unknown_items", "fallback"]
@@ -237,7 +238,7 @@ def test_a_dead_reading_process_stops_the_run(tmp_path, sasrec_tag, rows, capsys
     """The forked process that reads and writes dies mid-run: one line, exit 1, no output."""
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(source, rows * 10)
-    finish = batch.Scorer.finish
+    finish = Scorer.finish
     parent = os.getpid()
 
     def dies_in_the_child(self, pending):
@@ -245,7 +246,7 @@ def test_a_dead_reading_process_stops_the_run(tmp_path, sasrec_tag, rows, capsys
             os._exit(3)
         return finish(self, pending)
 
-    monkeypatch.setattr(batch.Scorer, "finish", dies_in_the_child)
+    monkeypatch.setattr(Scorer, "finish", dies_in_the_child)
     assert run_batch("--model", sasrec_tag, "--input", source, "--output", target) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["recbole-bento-batch: the batch's reading process stopped unexpectedly; no output written"]

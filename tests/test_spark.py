@@ -12,6 +12,7 @@ import pytest
 from conftest import batch_rows
 
 from recbole_bento import batch
+from recbole_bento.batch.scorer import BatchError
 from recbole_bento.core import store
 
 # Executors must run this venv's Python (docs/operations.md); set before the JVM starts.
@@ -75,9 +76,9 @@ def test_spark_gives_the_batch_commands_answers(spark, exported, sasrec_tag, tmp
 
 def test_spark_checks_on_the_driver(spark, exported):
     df = spark.createDataFrame([("1 2 3",)], ["history"])
-    with pytest.raises(batch.BatchError, match="no column 'sequence'"):
+    with pytest.raises(BatchError, match="no column 'sequence'"):
         recommend_on(df, exported)
-    with pytest.raises(batch.BatchError, match="topk"):
+    with pytest.raises(BatchError, match="topk"):
         recommend_on(df, exported, sequence_col="history", topk=0)
 
 
