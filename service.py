@@ -8,6 +8,8 @@ setting, ``RECBOLE_BENTO_TOPOLOGY``, defaults picked from what is served (edge/t
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -24,9 +26,13 @@ from recbole_bento.core.attributes import ItemAttributes
 from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
+from recbole_bento.core.sessions import Limits, open_store
 from recbole_bento.edge import fast_path, guard, lifecycle, observability, startup, topology
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
+from recbole_bento.edge.sessions import SessionHistory, SessionsApp
 from recbole_bento.schemas import (
+    EventRequest,
+    EventResponse,
     ModelInfo,
     RecommendBatchResponse,
     RecommendRequest,
@@ -37,7 +43,7 @@ from recbole_bento.schemas import (
 from recbole_bento.settings import SETTINGS
 
 logger = logging.getLogger("recbole_bento")
-API_PATHS = ["/recommend", "/recommend_batch", "/similar_items", "/model_info"]
+API_PATHS = ["/recommend", "/recommend_batch", "/similar_items", "/model_info", "/events"]
 STARTED = startup.start(SETTINGS, traced_paths=[*API_PATHS, "/rank"])
 MODEL_TAG = STARTED.tag
 # The bodies as this model takes them: /docs.json lists its own filterable fields.
@@ -62,8 +68,11 @@ FAST_ROUTES = fast_path.Routes(
         "/recommend": fast_path.Endpoint(BODIES.recommend, RequestPath.recommend),
         "/recommend_batch": fast_path.Endpoint(BODIES.recommend_batch, RequestPath.recommend_batch),
         "/similar_items": fast_path.Endpoint(BODIES.similar_items, RequestPath.similar_items),
+        "/events": fast_path.Endpoint(EventRequest, RequestPath.events),
     }
 )
+# GET and DELETE /sessions/{id}, answered with each worker's SessionHistory once it is built.
+SESSIONS_APP = SessionsApp(SETTINGS.max_session_id_bytes, SETTINGS.retry_after_s)
 
 
 def load_engine() -> Engine:
@@ -115,6 +124,26 @@ class Ranker:
         return str(self.engine.device)
 
 
+def session_history(window: Callable[[], int]) -> SessionHistory:
+    """This worker's view of the session store that every worker (and replica) shares: the store
+    is opened here, in each worker, never at import (``bentoml build`` imports this module)."""
+    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")  # BentoML's own default
+    store = open_store(
+        SETTINGS.session_store,
+        home / "sessions" / "sessions.sqlite3",
+        ttl_s=SETTINGS.session_ttl,
+        max_sessions=SETTINGS.session_max,
+        timeout_s=SETTINGS.session_timeout_ms / 1000,
+        limits=Limits(
+            max_items=max(SETTINGS.max_history, SETTINGS.max_event_items),
+            max_id_length=SETTINGS.max_id_length,
+        ),
+    )
+    if bentoml.server_context.worker_index in (None, 1):
+        logger.info("session histories in %s", store.name)
+    return SessionHistory(store, window, SETTINGS.max_event_items)
+
+
 @bentoml.service(
     name="recbole_recommender",
     workers=LAYOUT.api_workers,
@@ -135,6 +164,8 @@ class Recommender:
     def __init__(self) -> None:
         stored = self.stored_model
         self.metadata = dict(stored.info.metadata)
+        self.sessions = session_history(lambda: int(self.metadata["max_history_length"]))
+        SESSIONS_APP.serve(self.sessions)
         model: ModelPort
         if LAYOUT.split:
             artifact = store.load(stored, load_weights=False, verified=True)
@@ -159,6 +190,7 @@ class Recommender:
             concurrency=LAYOUT.ranker_workers or 1,
             retry_after_s=SETTINGS.retry_after_s,
             max_batch_requests=SETTINGS.max_batch_requests,
+            sessions=self.sessions,
         )
         # Tracing on: BentoML's dispatch, whose answers carry the request's span id.
         FAST_ROUTES.serve(self.path if SETTINGS.fast_path and TRACING else None)
@@ -197,6 +229,11 @@ class Recommender:
         """Items most like the given ones: cosine in the model's item table, exact top-k."""
         return await self._respond("/similar_items", BODIES.similar_items.model_construct(**fields))
 
+    @bentoml.api(input_spec=EventRequest, output_spec=EventResponse)
+    async def events(self, **fields: object) -> Response:
+        """Append items to a session's stored history (most recent last): answers its length."""
+        return await self._respond("/events", EventRequest.model_construct(**fields))
+
     @bentoml.api
     async def model_info(self) -> ModelInfo:
         """What is being served: tag, model, dataset, sizes, inputs, import-time metrics."""
@@ -226,6 +263,7 @@ class Recommender:
         )
 
 
+Recommender.mount_asgi_app(SESSIONS_APP, path="/sessions")  # GET, DELETE /sessions/{id}
 # Outermost: Connection: close on every response once the stop signal came (lifecycle.py).
 Recommender.add_asgi_middleware(lifecycle.DrainMiddleware)
 # Calls per endpoint, and the refused ones by outcome, next to the answered ones counted in
@@ -233,13 +271,14 @@ Recommender.add_asgi_middleware(lifecycle.DrainMiddleware)
 Recommender.add_asgi_middleware(
     observability.RefusalMetricsMiddleware,
     model_tag=MODEL_TAG,
-    paths=("/recommend", "/recommend_batch", "/similar_items"),
+    paths=("/recommend", "/recommend_batch", "/similar_items", "/events"),
 )
 # The front door (docs/errors.md): concurrency limit (429 + Retry-After), body size limit (413),
 # one-sentence error bodies, and the accepted/answered count logged at shutdown.
 Recommender.add_asgi_middleware(
     guard.RequestGuard,
     api_paths=API_PATHS,
+    api_prefixes=("/sessions/",),  # GET and DELETE /sessions/{id}: the same limits
     max_body_bytes=SETTINGS.max_body_bytes,
     max_concurrency=SETTINGS.max_concurrency,
     retry_after_s=SETTINGS.retry_after_s,

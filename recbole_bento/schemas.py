@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -15,8 +16,10 @@ from pydantic import (
     StrictStr,
     WithJsonSchema,
     create_model,
+    model_validator,
 )
 
+from .core.sessions import SESSION_ID_PATTERN, check_session_id
 from .settings import SETTINGS
 
 ItemId = Annotated[
@@ -56,10 +59,41 @@ Filters = Annotated[
 ]
 
 
-class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+SessionId = Annotated[
+    StrictStr,
+    AfterValidator(lambda value: check_session_id(value, SETTINGS.max_session_id_bytes)),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            **({"maxLength": SETTINGS.max_session_id_bytes} if SETTINGS.max_session_id_bytes else {}),
+            "pattern": SESSION_ID_PATTERN,
+        }
+    ),
+]
 
-    sequence: IdList = Field(description="the item history, oldest first")
+
+def _sequence_or_session(schema: dict[str, Any]) -> None:
+    """The published schema of a body that needs ``sequence`` unless it names a ``session_id``."""
+    schema["required"] = [name for name in schema.get("required", []) if name != "sequence"]
+    if not schema["required"]:
+        del schema["required"]
+    schema["anyOf"] = [{"required": ["sequence"]}, {"required": ["session_id"]}]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_sequence_or_session)
+
+    sequence: IdList = Field(
+        description="the item history, oldest first; with session_id: the new events, recorded in "
+        "the session before its stored history is read (optional then)"
+    )
+    # Absent or a string: a null is refused, as the published schema says.
+    session_id: SessionId = Field(  # type: ignore[assignment]
+        None,
+        description="rank the session's stored history (POST /events), after appending sequence to it; "
+        "the stored user_id is used unless one is sent",
+    )
     topk: StrictInt = Field(10, ge=1, le=SETTINGS.max_topk, description="how many items to return")
     user_id: ItemId | None = Field(None, description="needed by models that read a user id", **NULLABLE)
     exclude_seen: StrictBool = Field(False, description="drop the history's items from the result")
@@ -71,6 +105,13 @@ class RecommendRequest(BaseModel):
     explain: StrictBool = Field(
         False, description="also answer because: per returned item, the history items most like it"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _session_needs_no_sequence(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("session_id") is not None and "sequence" not in data:
+            return {**data, "sequence": []}
+        return data
 
 
 class RecommendBatchRequest(BaseModel):
@@ -146,6 +187,25 @@ class ModelInfo(BaseModel):
 
 class RecommendBatchResponse(BaseModel):
     results: list[RecommendResponse] = Field(description="one answer per request, in order")
+
+
+class EventRequest(BaseModel):
+    """The /events body: what the client just saw or clicked, appended to the session's history."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: SessionId
+    items: Annotated[list[ItemId], Field(min_length=1, max_length=SETTINGS.max_event_items or None)] = Field(
+        description="item ids, oldest first; unknown ones are kept as sent (reported at /recommend)"
+    )
+    user_id: ItemId | None = Field(
+        None, description="remembered for the session (models that read a user id)", **NULLABLE
+    )
+
+
+class EventResponse(BaseModel):
+    session_id: str
+    length: int = Field(description="the items now stored, at most the model's window")
 
 
 # ------------------------------------------------------------------ the served model's request bodies

@@ -32,6 +32,13 @@ class Settings:
     request_timeout_s: int = 30  # a request not answered in this time -> 504
     shutdown_grace_s: int = 40  # after SIGTERM: finish accepted requests, exit within this time
     drain_s: int = 2  # after SIGTERM: keep answering, with readyz 503 and Connection: close, this long
+    # Server-side sessions (POST /events, "session_id"; docs/operations.md).
+    session_store: str | None = None  # unset: SQLite under the BentoML home; redis://host:port/db
+    session_ttl: int = 30 * 86_400  # seconds after a session's last event before it is forgotten; 0 = never
+    session_max: int = 1_000_000  # sessions kept, the least recently active evicted first; 0 = no limit
+    session_timeout_ms: int = 200  # a Redis call not answered within this -> 503 naming the store
+    max_session_id_bytes: int = 256  # a longer session id -> 400
+    max_event_items: int = 1000  # items one event (or a sequence sent with session_id) may carry
     fast_path: int = 1  # 0 = the JSON endpoints through BentoML's API dispatch (edge/fast_path.py)
     access_log: int = 0  # 1 = BentoML's access log (one INFO line per request) on both services
     json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)

@@ -71,6 +71,7 @@ class Planner:
         users = artifact.user_tokens or []
         self.user_ids = {token: i for i, token in enumerate(users) if i}
         self.n_items = len(artifact.item_tokens) - 1
+        self.window = artifact.window  # the most recent items the model reads of a history
         self.max_topk = min(max_topk, self.n_items)
         self.popularity = torch.from_numpy(artifact.popularity)
         self.by_popularity = popularity_order(self.popularity)

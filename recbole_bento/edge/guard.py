@@ -67,6 +67,7 @@ class RequestGuard:
         *,
         api_paths: list[str],
         max_body_bytes: int,
+        api_prefixes: tuple[str, ...] = (),
         max_concurrency: int,
         retry_after_s: int,
         body_timeout_s: int,
@@ -74,6 +75,9 @@ class RequestGuard:
     ) -> None:
         self.app = app
         self.api_paths = tuple(api_paths)
+        # Paths under these answer other methods too (GET and DELETE /sessions/{id}), through the
+        # same limits; what they answer is already {"error": ...} JSON.
+        self.api_prefixes = api_prefixes
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
         self.retry_after_s = retry_after_s
@@ -95,14 +99,16 @@ class RequestGuard:
         if scope["path"] == DOCS_PATH and scope["method"] in ("GET", "HEAD"):
             await _respond(send, 307, b"", [(b"location", b"/")])
             return
-        if scope["path"] not in self.api_paths or scope["method"] != "POST":
+        post = scope["method"] == "POST"
+        if not (scope["path"] in self.api_paths and post or scope["path"].startswith(self.api_prefixes)):
             await self._call_app(scope, receive, send, api=False)
             return
         try:
             body = await self._read_body(scope, receive)
             if body is None:
                 return  # the client went away
-            scope = _as_json(scope, body)
+            if post:
+                scope = _as_json(scope, body)
             if self.max_concurrency and self.in_progress >= self.max_concurrency:
                 raise Refused(
                     429,

@@ -31,7 +31,9 @@ from starlette.responses import Response
 
 from ..core.planner import Plan, Planner, RequestError
 from ..core.ranking import RankQuery, RankResult
+from ..core.sessions import StoreUnavailable
 from ..schemas import (
+    EventRequest,
     RankedItems,
     RecommendBatchRequest,
     RecommendRequest,
@@ -41,6 +43,7 @@ from ..schemas import (
 )
 from . import observability
 from .batcher import Batcher, Overloaded
+from .sessions import SessionHistory
 
 logger = logging.getLogger("recbole_bento")
 
@@ -200,8 +203,10 @@ class RequestPath:
         concurrency: int,
         retry_after_s: int,
         max_batch_requests: int = 0,
+        sessions: SessionHistory | None = None,
     ) -> None:
         self.planner = planner
+        self.sessions = sessions  # server-side histories (edge/sessions.py); None: session_id refused
         self.model = model
         self.model_tag = model_tag
         self.retry_after_s = retry_after_s
@@ -215,7 +220,7 @@ class RequestPath:
 
     async def recommend(self, request: RecommendRequest) -> Response:
         """POST /recommend: top-k next items for one history."""
-        return await self.respond([request], batch=False)
+        return await self._with_sessions([request], batch=False)
 
     async def recommend_batch(self, body: RecommendBatchRequest) -> Response:
         """POST /recommend_batch: several /recommend bodies, answered in order."""
@@ -223,7 +228,35 @@ class RequestPath:
             raise RequestError(
                 f"at most {self.max_batch_requests} requests per batch, got {len(body.requests)}"
             )
-        return await self.respond(body.requests, batch=True)
+        return await self._with_sessions(body.requests, batch=True)
+
+    async def events(self, body: EventRequest) -> Response:
+        """POST /events: append to a session's stored history."""
+        try:
+            session = await self._sessions().record(body.session_id, body.items, body.user_id)
+        except StoreUnavailable as exc:
+            return self._store_down(exc)
+        answer = {"session_id": body.session_id, "length": len(session.items)}
+        return Response(json.dumps(answer), media_type="application/json")
+
+    async def _with_sessions(self, requests: Sequence[RecommendRequest], *, batch: bool) -> Response:
+        """``respond`` to *requests*, those with a ``session_id`` carrying their stored history
+        (``SessionHistory.resolve``) before anything is planned; 503 when the store cannot answer."""
+        if any(r.session_id is not None for r in requests):
+            try:
+                requests = await self._sessions().resolve(requests)
+            except StoreUnavailable as exc:
+                return self._store_down(exc, ", or send the sequence without session_id")
+        return await self.respond(requests, batch=batch)
+
+    def _store_down(self, exc: StoreUnavailable, advice: str = "") -> Response:
+        error = f"{exc}: retry after {self.retry_after_s} s{advice}"
+        return error_response(503, error, retry_after_s=self.retry_after_s)
+
+    def _sessions(self) -> SessionHistory:
+        if self.sessions is None:
+            raise RequestError("this server keeps no session histories: send the sequence without session_id")
+        return self.sessions
 
     async def similar_items(self, request: SimilarItemsRequest) -> Response:
         """POST /similar_items: the items most like the given ones."""
