@@ -16,7 +16,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 IMAGE ?= recbole-bento:latest
 
-.PHONY: install install-dev java serve demo-model build containerize test lint clean bench-peers-env
+.PHONY: install install-dev java redis serve demo-model build containerize test lint clean bench-peers-env
 
 # Runtime only: what `make serve`, `make build` and a server need.
 $(VENV)/.runtime: pyproject.toml
@@ -39,8 +39,12 @@ $(VENV)/.dev: $(VENV)/.runtime
 java:
 	@command -v java >/dev/null || (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless)
 
+# tests/test_sessions.py starts a real Redis: the server from the Debian packages when missing.
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+
 install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev java
+install-dev: $(VENV)/.dev java redis
 
 $(DEMO)/SASRec.pth: | $(VENV)/.runtime
 	$(BIN)/python -m devtools.training --model SASRec --out $(DEMO)
@@ -69,7 +73,7 @@ containerize: | $(VENV)/.runtime
 lint: | $(VENV)/.dev
 	$(BIN)/ruff check .
 
-test: lint java
+test: lint java redis
 	$(BIN)/python -m pytest -q tests
 
 # The benchmark's peers (LitServe, Ray Serve) in their own venv, and wrk: docs/benchmarks.md.
