@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbole_bento.core.blockwise import BlockTopK, _bf16_blocks, _PackedBlocks
-from recbole_bento.core.engine import Engine, block_ranker
+from recbole_bento.core.blockwise import BlockTopK, ChunkedTopK, _bf16_blocks, _PackedBlocks
+from recbole_bento.core.engine import Engine, block_ranker, exact_scorer
 from recbole_bento.core.models import MODEL_SPECS
 from recbole_bento.core.ranking import RankQuery, apply_masks
 
@@ -130,6 +130,34 @@ def test_skewed_norms_and_scales(low_precision: bool) -> None:
         scorer = BlockTopK(table, n_items, block_items=2048, low_precision=low_precision)
         got = scorer.topk(q, queries, 50)
         assert_same(got, plain(q, table, queries, 50), queries)
+
+
+@pytest.mark.parametrize(
+    "n_items,chunk_items", [(5_000, 1 << 20), (10_007, 1024), (65_537, 4096), (3_000, 7)]
+)
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_chunked_topk_equals_plain_path(n_items: int, chunk_items: int, batch: int) -> None:
+    """The accelerator's exact top-k (engine.exact_scorer off the CPU), run here on the CPU: the
+    same rows and masks as the block top-k above, chunks from one to thousands, ragged tails, and
+    chunks narrower than k."""
+    gen = torch.Generator().manual_seed(n_items + chunk_items + batch)
+    table = torch.randn(n_items, 64, generator=gen) * 0.05
+    q = torch.randn(batch, 64, generator=gen)
+    best = torch.topk(q @ table.T, 10, dim=1).indices.tolist()
+    queries = random_queries(n_items, batch, gen, best)
+    k = max(x.topk for x in queries)
+    got = ChunkedTopK(table, n_items, chunk_items=chunk_items).topk(q, queries, k)
+    assert_same(got, plain(q, table, queries, k), queries)
+
+
+def test_exact_scorer_follows_the_table_device() -> None:
+    """A CPU table gets the block top-k; a table on any other device the chunked one. (A meta
+    tensor stands in for a device table: no data, so nothing is computed at construction.)"""
+    assert isinstance(exact_scorer(torch.randn(40_000, 8), 40_000, 8192), BlockTopK)
+    scorer = exact_scorer(torch.empty(40_000, 8, device="meta"), 40_000, 8192)
+    assert isinstance(scorer, ChunkedTopK) and scorer.min_scores == 0
+    with pytest.raises(ValueError, match="chunk_items"):
+        ChunkedTopK(torch.randn(4, 2), 4, chunk_items=0)
 
 
 def test_excluding_everything_but_a_few_items_still_returns_them() -> None:

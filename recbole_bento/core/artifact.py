@@ -266,16 +266,39 @@ def write_artifact(directory: Path, checkpoint: dict[str, Any], dataset: Any, tr
         if not isinstance(value, torch.Tensor):
             raise ArtifactError(f"other_parameter {key!r} is not a tensor and cannot be stored")
         state[f"__other__.{key}"] = value.detach().cpu().contiguous()
+    users = [str(t) for t in dataset.field2id_token[dataset.uid_field]] if spec.needs_user else None
+    write_files(
+        directory,
+        spec,
+        state,
+        config_to_json(config),
+        dataset_info(train),
+        [str(t) for t in dataset.field2id_token[dataset.iid_field]],
+        users,
+        training_item_counts(dataset, train),
+        dataset_tensors(spec, config, train),
+    )
+
+
+def write_files(
+    directory: Path,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    info: dict[str, Any],
+    item_tokens: list[str],
+    user_tokens: list[str] | None,
+    popularity: np.ndarray,
+    extra: dict[str, torch.Tensor],
+) -> None:
+    """The artifact's files from what they hold (``write_artifact``; bench/gpu.py's synthetic models)."""
     torch.save(state, directory / WEIGHTS)
-    (directory / CONFIG).write_text(json.dumps(config_to_json(config), indent=1, sort_keys=True))
-    (directory / DATASET).write_text(json.dumps(dataset_info(train), indent=1, sort_keys=True))
-    items = [str(t) for t in dataset.field2id_token[dataset.iid_field]]
-    (directory / ITEM_TOKENS).write_text(json.dumps(items))
-    if spec.needs_user:
-        users = [str(t) for t in dataset.field2id_token[dataset.uid_field]]
-        (directory / USER_TOKENS).write_text(json.dumps(users))
-    np.save(directory / POPULARITY, training_item_counts(dataset, train), allow_pickle=False)
-    extra = dataset_tensors(spec, config, train)
+    (directory / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
+    (directory / DATASET).write_text(json.dumps(info, indent=1, sort_keys=True))
+    (directory / ITEM_TOKENS).write_text(json.dumps(item_tokens))
+    if user_tokens is not None:
+        (directory / USER_TOKENS).write_text(json.dumps(user_tokens))
+    np.save(directory / POPULARITY, popularity, allow_pickle=False)
     if extra:
         torch.save(extra, directory / DATASET_TENSORS)
 

@@ -347,3 +347,47 @@ def same_topk(
     return bool(
         ((values - ref_values).abs() <= tol).all() and ((row_scores[items] - values).abs() <= tol).all()
     )
+
+
+class ChunkedTopK:
+    """Exact masked top-k of ``q @ table[:n_items].T`` on an accelerator: the catalogue a column
+    chunk at a time, each chunk's fp32 scores masked and cut to its own top-k, then the chunks'
+    top-k merged (the k best items overall are among the k best of their own chunk).
+
+    No bounds and no second pass, unlike ``BlockTopK``: a GPU scores a [B, chunk] block faster than
+    the host could decide which blocks to skip, and ``torch.topk`` there is fast. Chunking only keeps
+    the score matrix to ``B x chunk_items`` (a 64 x 10M one would be 2.6 GB of device memory).
+    Same interface as ``BlockTopK`` (``topk``, ``n_items``, ``min_scores``)."""
+
+    def __init__(self, table: torch.Tensor, n_items: int, chunk_items: int = 1 << 20) -> None:
+        if chunk_items <= 0:
+            raise ValueError(f"chunk_items must be positive, not {chunk_items}")
+        self.table = table
+        self.n_items = n_items
+        self.chunk = chunk_items
+        self.min_scores = 0  # any batch: a small one costs the device no more than the plain path
+
+    def topk(
+        self,
+        q: torch.Tensor,
+        queries: Sequence[RankQuery],
+        k: int,
+        force: bool = False,
+        compile_filter: FilterCompiler | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values, indices), each [B, k] and sorted like torch.topk (masked items score -inf, as
+        in the plain path). *force* is ``BlockTopK.topk``'s; this path never declines a batch."""
+        k = min(k, self.n_items)
+        mask = BatchMask(queries, self.n_items, q.device, compile_filter)
+        values, ids = [], []
+        for start in range(0, self.n_items, self.chunk):
+            end = min(start + self.chunk, self.n_items)
+            scores = torch.mm(q, self.table[start:end].T)  # fp32, as full_sort_predict's product
+            mask.apply(scores, start)
+            top = torch.topk(scores, min(k, end - start), dim=1)
+            values.append(top.values)
+            ids.append(top.indices + start)
+        if len(values) == 1:
+            return values[0], ids[0]
+        merged = torch.topk(torch.cat(values, dim=1), k, dim=1)
+        return merged.values, torch.cat(ids, dim=1).gather(1, merged.indices)

@@ -1,7 +1,8 @@
 """Batched inference: pad histories as RecBole does, call the model's own full_sort_predict,
 mask, take the top-k. No HTTP here; the ranking service, the batch scorer and the benchmarks call
 it directly. For models that score by a dot product with their item table (``ModelSpec.dot_product``)
-large catalogues on a CPU are ranked by the exact block top-k of ``blockwise.py`` instead.
+large catalogues are ranked by an exact top-k of ``blockwise.py`` instead: the block top-k on a
+CPU, chunked scoring on a GPU (``exact_scorer``).
 
 Similar-item queries (``RankQuery.kind == "similar"``) and explanations compare items by cosine in
 the model's item table (``ModelSpec.item_table``): with its rows L2-normalised once at start-up,
@@ -21,7 +22,7 @@ from recbole.data.interaction import Interaction
 
 from .artifact import Artifact, ArtifactError, ServingConfig
 from .attributes import ItemAttributes
-from .blockwise import BlockTopK, same_topk
+from .blockwise import BlockTopK, ChunkedTopK, same_topk
 from .ranking import NEG_INF, FilterCompiler, RankQuery, RankResult, apply_masks
 
 EXPLAIN_ITEMS = 3  # history items named per returned item
@@ -99,14 +100,14 @@ class Engine:
         self._uid_field = artifact.dataset.uid_field
         attributes = ItemAttributes.load(artifact.path, self.n_items)
         self.compile_filter = attributes.compile if attributes is not None else None
-        # large catalogues, dot-product models, CPU: exact top-k without the B x N matrix
+        # large catalogues, dot-product models: exact top-k without the B x N matrix
         self.block = block_ranker(self, block_items)
         # the item table with unit rows (None: the model has none): cosine = dot product
         self.unit = unit_table(self.model, artifact.spec.item_table, self.n_items)
         # ... ranked by a block top-k of its own where the model's would be (same conditions)
         self.similar_block = None
-        if self.unit is not None and 0 < 4 * block_items <= self.n_items and self.device.type == "cpu":
-            self.similar_block = BlockTopK(self.unit, self.n_items, block_items, min_scores=64 * block_items)
+        if self.unit is not None and 0 < 4 * block_items <= self.n_items:
+            self.similar_block = exact_scorer(self.unit, self.n_items, block_items)
 
     def interaction(self, queries: Sequence[RankQuery]) -> Interaction:
         seq, lengths = pad_histories([q.history for q in queries], self.artifact.window)
@@ -213,7 +214,7 @@ class BlockRanker:
     """The model's query vectors (interaction -> [B, H], as its full_sort_predict computes them)
     and the block top-k over its item table."""
 
-    def __init__(self, query: Callable[[Any], torch.Tensor], scorer: BlockTopK) -> None:
+    def __init__(self, query: Callable[[Any], torch.Tensor], scorer: BlockTopK | ChunkedTopK) -> None:
         self.query = query
         self.scorer = scorer
 
@@ -252,12 +253,21 @@ def query_fn(model: torch.nn.Module, kind: str | None) -> Callable[[Any], torch.
     return lambda inter: model.forward(inter[model.ITEM_SEQ])
 
 
+def exact_scorer(table: torch.Tensor, n_items: int, block_items: int) -> BlockTopK | ChunkedTopK:
+    """The exact top-k over *table* for the device it lives on: on a CPU the block top-k (bounds
+    skip most of the catalogue; below 64 blocks' worth of scores, 0.5M at the default, a 2 MB
+    matrix, the plain path is as fast); elsewhere (CUDA) every item scored a chunk at a time."""
+    if table.device.type == "cpu":
+        return BlockTopK(table, n_items, block_items, min_scores=64 * block_items)
+    return ChunkedTopK(table, n_items)
+
+
 def block_ranker(engine: Engine, block_items: int, min_items: int | None = None) -> BlockRanker | None:
     """A BlockRanker for the engine's model, or None where the plain path is the one to use: the
     model is not a dot product with its item table, the catalogue is small (< *min_items*,
-    default 4 blocks), the device is not a CPU (a GPU keeps the B x N matrix in its own memory),
-    or the block path disagrees with the plain path on probe queries at start-up."""
-    if block_items <= 0 or engine.device.type != "cpu":
+    default 4 blocks), or the exact scorer (``exact_scorer``) disagrees with the plain path on
+    probe queries at start-up."""
+    if block_items <= 0:
         return None
     if engine.n_items < (4 * block_items if min_items is None else min_items):
         return None
@@ -267,8 +277,7 @@ def block_ranker(engine: Engine, block_items: int, min_items: int | None = None)
     table = engine.model.item_embedding.weight.detach()
     if table.shape[0] != engine.n_items or table.dtype != torch.float32:
         return None
-    # below 64 blocks' worth of scores (0.5M at the default: a 2 MB matrix) the plain path is as fast
-    ranker = BlockRanker(query, BlockTopK(table, engine.n_items, block_items, min_scores=64 * block_items))
+    ranker = BlockRanker(query, exact_scorer(table, engine.n_items, block_items))
     return ranker if _agrees(engine, ranker) else None
 
 

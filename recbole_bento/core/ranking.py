@@ -116,7 +116,8 @@ class BatchMask:
         width = scores.shape[1]
         if start == 0:
             scores[:, 0] = NEG_INF
-        lo, hi = torch.searchsorted(self.excl_cols, torch.tensor([start, start + width])).tolist()
+        bounds = torch.tensor([start, start + width], device=self.excl_cols.device)  # same device: CUDA
+        lo, hi = torch.searchsorted(self.excl_cols, bounds).tolist()
         if hi > lo:
             scores[self.excl_rows[lo:hi], self.excl_cols[lo:hi] - start] = NEG_INF
         for row, allowed in self.allowed.items():
