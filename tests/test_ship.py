@@ -340,6 +340,12 @@ def merge(base: object, patch: object, key: str | None = None) -> object:
     return patch
 
 
+def key_of(doc: dict) -> str:
+    """The service's own objects by kind ("Deployment"), the others by kind and name."""
+    name = doc["metadata"]["name"]
+    return doc["kind"] if name == "recbole-bento" else f"{doc['kind']}/{name}"
+
+
 def render(overlay: str) -> dict[str, dict]:
     """kubectl kustomize, for the features deploy/k8s uses: resources, patches, images."""
     folder = K8S / overlay
@@ -351,12 +357,12 @@ def render(overlay: str) -> dict[str, dict]:
             docs.update(render(f"{overlay}/{resource}"))
         else:
             for doc in yaml.safe_load_all(path.read_text()):
-                docs[doc["kind"]] = doc
+                docs[key_of(doc)] = doc
     for patch in kustomization.get("patches", []):
         doc = read_yaml(folder / patch["path"])
-        target = docs[doc["kind"]]
+        target = docs[key_of(doc)]
         assert target["metadata"]["name"] == doc["metadata"]["name"]
-        docs[doc["kind"]] = merge(target, doc)  # type: ignore[assignment]
+        docs[key_of(doc)] = merge(target, doc)  # type: ignore[assignment]
     for image in kustomization.get("images", []):
         for container in docs["Deployment"]["spec"]["template"]["spec"]["containers"]:
             if container["image"] == image["name"]:
@@ -443,3 +449,42 @@ def test_kubernetes_manifests(overlay):
         assert resources["limits"]["nvidia.com/gpu"] == 1 and settings.device == "cuda"
     else:
         assert "nvidia.com/gpu" not in resources["limits"] and settings.device == "cpu"
+
+
+def test_kubernetes_redis_overlay_shares_the_sessions():
+    """deploy/k8s/redis: the CPU deployment with every replica's sessions in one Redis."""
+    docs = render("redis")
+    cpu = render("cpu")
+    assert set(docs) == set(cpu) | {"Deployment/recbole-bento-redis", "Service/recbole-bento-redis"}
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+    (app,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env = env_of(app)
+    settings = Settings.from_env(env)
+    assert {k: v for k, v in env.items() if "SESSION" not in k} == env_of(
+        cpu["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    )
+    redis = docs["Deployment/recbole-bento-redis"]
+    service = docs["Service/recbole-bento-redis"]
+    (port,) = service["spec"]["ports"]
+    assert settings.session_store == f"redis://{service['metadata']['name']}:{port['port']}/0"
+    assert 0 < settings.session_timeout_ms <= 1000
+    pod = redis["spec"]["template"]
+    assert redis["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {port["targetPort"]: 6379}
+    assert redis["spec"]["replicas"] == 1 and redis["spec"]["strategy"]["type"] == "Recreate"
+    assert ":" in container["image"] and not container["image"].endswith(":latest")
+    args = container["args"]
+    maxmemory = quantity(args[args.index("--maxmemory") + 1].replace("mb", "Mi"))
+    assert maxmemory < quantity(
+        container["resources"]["limits"]["memory"]
+    )  # Redis evicts before the OOM killer
+    assert args[args.index("--maxmemory-policy") + 1].startswith(
+        "volatile-"
+    )  # only keys with a TTL: sessions
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {args[args.index("--dir") + 1]}
