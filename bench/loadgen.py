@@ -9,8 +9,10 @@ costs.
 
     python bench/loadgen.py http://127.0.0.1:3000/recommend --concurrency 32 --duration 5 --bodies b.json
 
-A request counts as an error unless it answers 200 with an ``item_list``; timeouts and connection
-errors count too. Latency is measured per request, from send to the last byte of the answer.
+A request counts as an error unless it answers 200 with an ``item_list`` (or, to ``/events``, a
+``length``); timeouts and connection errors count too. A body may be ``(path, body)``: sent to that
+path of the URL's server instead of the URL's own path (bench/sessions.py mixes endpoints).
+Latency is measured per request, from send to the last byte of the answer.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ _CONNECT_SPACING_S = 0.003
 
 async def _load(
     url: str,
-    bodies: Sequence[bytes],
+    bodies: Sequence[bytes | tuple[str, bytes]],
     concurrency: int,
     duration_s: float,
     max_requests: int,
@@ -137,11 +139,12 @@ async def _load(
     result = LoadResult(concurrency, 0, 0, 0.0)
     target = urlsplit(url)
     host, port = target.hostname or "127.0.0.1", target.port or 80
+    routed = [b if isinstance(b, tuple) else (target.path or "/", b) for b in bodies]
     requests = [
-        f"POST {target.path or '/'} HTTP/1.1\r\nHost: {target.netloc}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: {target.netloc}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
-        for body in bodies
+        for path, body in routed
     ]
     loop = asyncio.get_running_loop()
 
@@ -174,7 +177,7 @@ async def _load(
                 if conn is None or conn.transport is None or conn.transport.is_closing():
                     conn = await connect()
                 status, payload = await asyncio.wait_for(conn.request(data), timeout_s)
-                ok = status == 200 and b'"item_list"' in payload
+                ok = status == 200 and (b'"item_list"' in payload or b'"length"' in payload)
                 problem = "" if ok else f"HTTP {status}: {payload[:200]!r}"
             except (OSError, asyncio.TimeoutError, ValueError, IndexError) as exc:
                 ok, problem = False, f"{type(exc).__name__}: {exc}"
@@ -199,7 +202,7 @@ async def _load(
 
 def run_load(
     url: str,
-    bodies: Sequence[bytes],
+    bodies: Sequence[bytes | tuple[str, bytes]],
     concurrency: int,
     duration_s: float = 5.0,
     max_requests: int = 50_000,

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from .core import catalogue
 from .core.sessions import SESSION_ID_PATTERN, check_session_id
 from .settings import SETTINGS
 
@@ -187,6 +188,41 @@ class ModelInfo(BaseModel):
 
 class RecommendBatchResponse(BaseModel):
     results: list[RecommendResponse] = Field(description="one answer per request, in order")
+
+
+class ItemsRequest(BaseModel):
+    """Either ``ids`` (look them up) or ``query`` (search), not both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: IdList | None = Field(None, description="the items to look up", **NULLABLE)
+    query: Annotated[StrictStr, Field(min_length=1, max_length=catalogue.MAX_TEXT)] | None = Field(
+        None,
+        description="a search: an id, the start of ids, or words found in the items' token attributes",
+        **NULLABLE,
+    )
+    limit: StrictInt = Field(
+        20, ge=1, le=catalogue.MAX_RESULTS, description="with query: how many items at most"
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ItemsRequest:
+        if (self.ids is None) == (self.query is None):
+            raise ValueError("give either ids (a list of item ids) or query (a search text), not both")
+        return self
+
+
+class CatalogueItem(BaseModel):
+    id: str = Field(description="the external item id")
+    attributes: dict[str, Any] = Field(
+        description="its item attributes by field (a token, a list of tokens, or a number); "
+        "fields without a value are left out"
+    )
+
+
+class ItemsResponse(BaseModel):
+    items: list[CatalogueItem] = Field(description="ids: the known ones in order; query: best first")
+    unknown_items: list[str] = Field(description="ids: those the model does not know")
 
 
 class EventRequest(BaseModel):

@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, serving
 
 from recbole_bento.core.planner import RequestError
 from recbole_bento.core.sessions import (
@@ -44,29 +45,50 @@ LIMITS = Limits(max_items=2000, max_id_length=256)
 # ------------------------------------------------------------------ a real redis-server
 
 
-@contextlib.contextmanager
-def redis_server(port: int | None = None) -> Iterator[str]:
-    """``redis-server`` on 127.0.0.1, no persistence, in a temporary folder; its URL once it answers."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is missing: `make install-dev` installs it (apt-get install redis-server)"
-    port = port or free_port()
-    folder = tempfile.mkdtemp(prefix="redis-")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([*args, "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+class RedisProcess:
+    """``redis-server`` on 127.0.0.1:*port*, no persistence, in a temporary folder."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.folder = tempfile.mkdtemp(prefix="redis-")
+
+    def start(self) -> str:
+        """Its URL, once it answers PING."""
+        binary = shutil.which("redis-server")
+        assert binary, (
+            "redis-server is missing: `make install-dev` installs it (apt-get install redis-server)"
+        )
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen([*args, "--dir", self.folder], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as conn:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as conn,
+            ):
                 conn.sendall(b"PING\r\n")
                 if conn.recv(16).startswith(b"+PONG"):
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                    return self.url
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None) -> Iterator[str]:
+    redis = RedisProcess(port)
+    try:
+        yield redis.start()
     finally:
-        proc.kill()
-        proc.wait(10)
-        shutil.rmtree(folder, ignore_errors=True)
+        redis.stop()
+        shutil.rmtree(redis.folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -502,3 +524,143 @@ def test_sessions_app_gets_deletes_and_refuses_in_json(tmp_path, redis_url):
             assert answer["error"].startswith(f"the session store redis://127.0.0.1:{port}/0 is unavailable")
 
     run(body())
+
+
+# ------------------------------------------------------------------ the HTTP contract, a real server
+
+
+def assert_refused(response: httpx.Response, status: int, fragment: str) -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json"
+    assert list(response.json()) == ["error"] and fragment in response.json()["error"], response.text
+
+
+def concurrent_events(url: str, clients: int, total: int) -> list[int]:
+    """*total* /events to one session from *clients* concurrent clients, each sending its own
+    numbered items in order; the per-client counts."""
+    counts = [total // clients + (1 if c < total % clients else 0) for c in range(clients)]
+
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        for i in range(counts[c]):
+            answer = await http.post("/events", json={"session_id": "busy", "items": [f"c{c}-{i}"]})
+            assert answer.status_code == 200, answer.text
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+            await asyncio.gather(*(client(c, http) for c in range(clients)))
+
+    run(main())
+    return counts
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_sessions_over_http_across_two_api_workers(kind, sasrec_tag):
+    import bentoml
+
+    from recbole_bento.core import store
+
+    items = store.load(bentoml.models.get(sasrec_tag), load_weights=False).item_tokens[1:]
+    env = {"RECBOLE_BENTO_API_WORKERS": "2", "RECBOLE_BENTO_MAX_EVENT_ITEMS": "20"}
+    redis = RedisProcess()
+    if kind == "redis":
+        env["RECBOLE_BENTO_SESSION_STORE"] = redis.start()
+    try:
+        with serving(sasrec_tag, **env) as url:
+            check_the_contract(url, items)
+            if kind == "redis":
+                redis.stop()
+                check_redis_down(url, items, redis.url)
+                redis.start()  # the same address, empty: the service reconnects
+                back = httpx.post(f"{url}/events", json={"session_id": "s", "items": [items[0]]}, timeout=30)
+                assert back.json() == {"session_id": "s", "length": 1}
+    finally:
+        redis.stop()
+        shutil.rmtree(redis.folder, ignore_errors=True)
+
+
+def check_the_contract(url: str, items: list[str]) -> None:
+    window = httpx.post(f"{url}/model_info", json={}, timeout=30).json()["max_history_length"]
+
+    def post(path: str, body: object) -> httpx.Response:
+        return httpx.post(f"{url}{path}", json=body, timeout=30)  # a new connection: either worker
+
+    def top(body: dict) -> list[str]:
+        answer = post("/recommend", {"topk": 5, **body})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["item_list"]
+
+    # Read-your-writes, one event at a time, each call on a new connection.
+    for i in range(12):
+        answer = post("/events", {"session_id": "rw", "items": [items[i]]})
+        assert answer.json() == {"session_id": "rw", "length": i + 1}
+        assert httpx.get(f"{url}/sessions/rw", timeout=30).json()["items"] == items[: i + 1]
+        if i % 4 == 3:
+            assert top({"session_id": "rw"}) == top({"sequence": items[: i + 1]})
+    # A sequence sent with the session is recorded first; unknown items are kept and reported;
+    # exclude_seen covers the stored history; the user id is remembered.
+    answer = post("/recommend", {"session_id": "rw", "sequence": [items[12], "nope"], "exclude_seen": True})
+    assert answer.status_code == 200 and answer.json()["unknown_items"] == ["nope"]
+    stored = [*items[:13], "nope"]
+    assert not set(answer.json()["item_list"]) & set(stored)
+    assert post("/events", {"session_id": "rw", "items": [items[13]], "user_id": 7}).json()["length"] == 15
+    got = httpx.get(f"{url}/sessions/rw", timeout=30).json()
+    assert got == {"session_id": "rw", "items": [*stored, items[13]], "user_id": "7", "length": 15}
+    batch = post("/recommend_batch", {"requests": [{"session_id": "rw", "topk": 5}, {"session_id": "none"}]})
+    assert batch.json()["results"][0]["item_list"] == top({"sequence": [*stored, items[13]]})
+    assert batch.json()["results"][1]["fallback"] == "popular"
+    # Trimmed to the model's window.
+    for start in range(0, window + 20, 20):
+        length = post("/events", {"session_id": "rw", "items": items[start : start + 20]}).json()["length"]
+    assert length == window
+    # Erasure.
+    assert httpx.delete(f"{url}/sessions/rw", timeout=30).json() == {"session_id": "rw", "deleted": True}
+    assert_refused(httpx.get(f"{url}/sessions/rw", timeout=30), 404, "no stored history")
+    assert httpx.delete(f"{url}/sessions/rw", timeout=30).json()["deleted"] is False
+
+    # Bad input: 400 (405, 404) JSON, nothing recorded.
+    for body, fragment in [
+        ({"session_id": "", "items": ["1"]}, "session_id"),
+        ({"session_id": "x" * 257, "items": ["1"]}, "1 to 256 characters"),
+        ({"session_id": "a b", "items": ["1"]}, "printable ASCII"),
+        ({"session_id": 5, "items": ["1"]}, "session_id"),
+        ({"session_id": "s", "items": []}, "items"),
+        ({"session_id": "s", "items": ["1"] * 21}, "items"),
+        ({"session_id": "s", "items": [1.5]}, "items[0]"),
+        ({"session_id": "s"}, "items: Field required"),
+        ({"session_id": "s", "items": ["1"], "extra": 1}, "extra"),
+    ]:
+        assert_refused(post("/events", body), 400, fragment)
+    assert_refused(post("/recommend", {"session_id": "s", "sequence": ["1"] * 21}), 400, "at most 20 items")
+    assert_refused(post("/recommend", {"session_id": None}), 400, "sequence: Field required")
+    assert_refused(httpx.get(f"{url}/sessions/{'x' * 257}", timeout=30), 400, "a session id is")
+    assert_refused(httpx.post(f"{url}/sessions/s", timeout=30), 405, "use GET or DELETE")
+    assert_refused(httpx.get(f"{url}/sessions/", timeout=30), 400, "a session id is 1 to 256 characters")
+    assert_refused(httpx.get(f"{url}/sessions/s", timeout=30), 404, "no stored history")
+
+    # 1,000 events from 32 concurrent clients: the window's worth, in order per client.
+    counts = concurrent_events(url, 32, 1000)
+    got = httpx.get(f"{url}/sessions/busy", timeout=30).json()["items"]
+    assert len(got) == window
+    for client, sent in enumerate(counts):
+        mine = [int(item.split("-")[1]) for item in got if item.startswith(f"c{client}-")]
+        assert mine == list(range(sent - len(mine), sent)), (client, mine)
+
+
+def check_redis_down(url: str, items: list[str], store: str) -> None:
+    """Redis is gone: whatever needs it is a quick 503 naming it; explicit sequences are answered."""
+    for method, path, body in [
+        ("POST", "/events", {"session_id": "s", "items": [items[0]]}),
+        ("POST", "/recommend", {"session_id": "s"}),
+        ("POST", "/recommend_batch", {"requests": [{"sequence": [items[0]]}, {"session_id": "s"}]}),
+        ("GET", "/sessions/s", None),
+        ("DELETE", "/sessions/s", None),
+    ]:
+        start = time.monotonic()
+        answer = httpx.request(method, f"{url}{path}", json=body, timeout=30)
+        assert time.monotonic() - start < 1.0, path  # 200 ms in the store, a loaded machine around it
+        assert_refused(answer, 503, f"the session store {store} is unavailable")
+        assert answer.headers["retry-after"] == "1"
+    answer = httpx.post(f"{url}/recommend", json={"sequence": items[:5]}, timeout=30)
+    assert answer.status_code == 200 and len(answer.json()["item_list"]) == 10

@@ -65,6 +65,8 @@ class _Field:
             lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=n_items)
             self.owner = np.repeat(np.arange(n_items), lengths)
             self.flat = np.fromiter((c for v in values for c in v), dtype=np.int64, count=int(lengths.sum()))
+            self.starts = np.concatenate(([0], np.cumsum(lengths)))  # item i: flat[starts[i] : starts[i + 1]]
+        self._lowered: np.ndarray | None = None  # the vocabulary in lower case, for text search
 
     def match(self, condition: Any, n_items: int) -> np.ndarray:
         if self.kind == "float":
@@ -75,6 +77,30 @@ class _Field:
                 out &= self.values <= condition["lte"]
             return out
         wanted = np.array([self.index[v] for v in condition if v in self.index], dtype=np.int64)
+        if self.kind == "token":
+            return np.isin(self.codes, wanted)
+        out = np.zeros(n_items, dtype=bool)
+        out[self.owner[np.isin(self.flat, wanted)]] = True
+        return out
+
+    def value(self, item: int) -> Any:
+        """Item *item*'s value as stored at import (a token, a list of tokens, a float); None: none."""
+        if self.kind == "float":
+            value = float(self.values[item])
+            return None if math.isnan(value) else value
+        if self.kind == "token":
+            code = int(self.codes[item])
+            return None if code < 0 else self.vocab[code]
+        codes = self.flat[self.starts[item] : self.starts[item + 1]]
+        return [self.vocab[c] for c in codes.tolist()] or None
+
+    def containing(self, text: str, n_items: int) -> np.ndarray:
+        """The items with a token that contains *text* (lower case), as a mask; floats match nothing."""
+        if self.kind == "float":
+            return np.zeros(n_items, dtype=bool)
+        if self._lowered is None:
+            self._lowered = np.char.lower(np.array(self.vocab, dtype=str))
+        wanted = np.flatnonzero(np.char.find(self._lowered, text) >= 0)
         if self.kind == "token":
             return np.isin(self.codes, wanted)
         out = np.zeros(n_items, dtype=bool)
@@ -114,6 +140,19 @@ class ItemAttributes:
     def describe(self) -> dict[str, dict[str, Any]]:
         """For /model_info: every filterable field with its type and a few example values."""
         return {name: {"type": f.kind, "examples": f.examples()} for name, f in self.fields.items()}
+
+    def of(self, item: int) -> dict[str, Any]:
+        """Every attribute item *item* has (internal id), by field; fields without a value are left out."""
+        values = {name: f.value(item) for name, f in self.fields.items()}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def containing(self, text: str) -> np.ndarray:
+        """The items with a token value (in any token or token_seq field) that contains *text*, in
+        lower case, as a mask over the internal ids."""
+        out = np.zeros(self.n_items, dtype=bool)
+        for field in self.fields.values():
+            out |= field.containing(text, self.n_items)
+        return out
 
     def normalize(self, filters: Mapping[str, Any]) -> Filters:
         """Check a request's filter against the fields and return it in canonical form (values as

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol, cast
 
 import torch
 
 from .artifact import Artifact
 from .attributes import FilterError, ItemAttributes
+from .catalogue import Catalogue
 from .ranking import RankQuery, RankResult, popular_topk, popularity_order
 
 ExternalId = int | str
@@ -77,6 +79,11 @@ class Planner:
         self.by_popularity = popularity_order(self.popularity)
         self.attributes = ItemAttributes.load(artifact.path, len(artifact.item_tokens))
         self.compile_filter = self.attributes.compile if self.attributes is not None else None
+
+    @cached_property
+    def catalogue(self) -> Catalogue:
+        """This model's items to look up and search (POST /items), built on first use."""
+        return Catalogue(self.item_tokens, self.item_ids, self.attributes, self.by_popularity)
 
     def known(self, ids: list[ExternalId]) -> list[int]:
         """Internal ids of the items the model knows, in order; unknown ids are dropped."""

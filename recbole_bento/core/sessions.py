@@ -187,6 +187,7 @@ class SQLiteStore:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint, not each append
+            self._db.execute("PRAGMA secure_delete=ON")  # erased histories are zeroed, not left in free pages
             self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(sessions)")]
         except (sqlite3.Error, OSError) as exc:
@@ -289,7 +290,7 @@ class SQLiteStore:
 # KEYS: none, the names are built from ARGV[1] (a standalone Redis, not a Cluster). ARGV: prefix,
 # session id, ttl in ms (0: none), items to keep, max sessions (0: any), user id ('' = keep the
 # stored one), the items. A key holding another type (written by someone else) is replaced.
-_APPEND = """
+APPEND_SCRIPT = """
 local prefix, id = ARGV[1], ARGV[2]
 local ttl, keep, max, user = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local items_key, user_key, index = prefix .. 's:' .. id, prefix .. 'u:' .. id, prefix .. 'active'
@@ -359,7 +360,7 @@ class RedisStore:
             )
         except ValueError as exc:
             raise StoreError(f"RECBOLE_BENTO_SESSION_STORE: {exc}") from None
-        self._append_script = self._redis.register_script(_APPEND)
+        self._append_script = self._redis.register_script(APPEND_SCRIPT)
 
     async def _call(self, work: Awaitable[T]) -> T:
         from redis.exceptions import RedisError
