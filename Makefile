@@ -16,7 +16,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 IMAGE ?= recbole-bento:latest
 
-.PHONY: install install-dev java redis serve demo-model build containerize test lint clean bench-peers-env
+.PHONY: install install-dev java redis chromium serve demo-model build containerize test lint clean bench-peers-env
 
 # Runtime only: what `make serve`, `make build` and a server need.
 $(VENV)/.runtime: pyproject.toml
@@ -43,8 +43,13 @@ java:
 redis:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 
+# tests/test_playground.py drives the playground in a headless chromium through Playwright (whose own
+# browser download needs the network): Debian's chromium when missing.
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
 install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev java redis
+install-dev: $(VENV)/.dev java redis chromium
 
 $(DEMO)/SASRec.pth: | $(VENV)/.runtime
 	$(BIN)/python -m devtools.training --model SASRec --out $(DEMO)
@@ -62,6 +67,7 @@ demo-model: $(DEMO)/tag
 	@echo "model $$(tail -1 $(DEMO)/tag)"
 
 serve: demo-model
+	@echo "once it is up, try it in a browser: http://$(HOST):$(PORT)/playground"
 	RECBOLE_BENTO_MODEL=$$(tail -1 $(DEMO)/tag) $(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
 
 build: demo-model
@@ -73,7 +79,7 @@ containerize: | $(VENV)/.runtime
 lint: | $(VENV)/.dev
 	$(BIN)/ruff check .
 
-test: lint java redis
+test: lint java redis chromium
 	$(BIN)/python -m pytest -q tests
 
 # The benchmark's peers (LitServe, Ray Serve) in their own venv, and wrk: docs/benchmarks.md.

@@ -23,16 +23,20 @@ from starlette.responses import Response
 from recbole_bento import bentoml_compat
 from recbole_bento.core import store
 from recbole_bento.core.attributes import ItemAttributes
+from recbole_bento.core.catalogue import CatalogueError
 from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
 from recbole_bento.core.sessions import Limits, open_store
-from recbole_bento.edge import fast_path, guard, lifecycle, observability, startup, topology
+from recbole_bento.edge import fast_path, guard, lifecycle, observability, playground, startup, topology
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
 from recbole_bento.edge.sessions import SessionHistory, SessionsApp
 from recbole_bento.schemas import (
+    CatalogueItem,
     EventRequest,
     EventResponse,
+    ItemsRequest,
+    ItemsResponse,
     ModelInfo,
     RecommendBatchResponse,
     RecommendRequest,
@@ -43,7 +47,7 @@ from recbole_bento.schemas import (
 from recbole_bento.settings import SETTINGS
 
 logger = logging.getLogger("recbole_bento")
-API_PATHS = ["/recommend", "/recommend_batch", "/similar_items", "/model_info", "/events"]
+API_PATHS = ["/recommend", "/recommend_batch", "/similar_items", "/model_info", "/items", "/events"]
 STARTED = startup.start(SETTINGS, traced_paths=[*API_PATHS, "/rank"])
 MODEL_TAG = STARTED.tag
 # The bodies as this model takes them: /docs.json lists its own filterable fields.
@@ -192,6 +196,8 @@ class Recommender:
             max_batch_requests=SETTINGS.max_batch_requests,
             sessions=self.sessions,
         )
+        if bentoml.server_context.worker_index in (None, 1):
+            logger.info("try %s in a browser: GET %s on this server", MODEL_TAG, playground.PATH)
         # Tracing on: BentoML's dispatch, whose answers carry the request's span id.
         FAST_ROUTES.serve(self.path if SETTINGS.fast_path and TRACING else None)
         lifecycle.install(
@@ -229,6 +235,22 @@ class Recommender:
         """Items most like the given ones: cosine in the model's item table, exact top-k."""
         return await self._respond("/similar_items", BODIES.similar_items.model_construct(**fields))
 
+    @bentoml.api(input_spec=ItemsRequest, output_spec=ItemsResponse)
+    async def items(self, **fields: object) -> ItemsResponse:
+        """Items by id, or searched by id and attribute words, with their attributes: the playground's
+        item picker and result cards."""
+        body = ItemsRequest.model_construct(**fields)
+        catalogue = self.path.planner.catalogue
+        try:
+            if body.ids is not None:
+                found, unknown = catalogue.lookup(body.ids)
+            else:
+                found, unknown = catalogue.search(body.query or "", body.limit), []
+        except CatalogueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        items = [CatalogueItem(id=item.id, attributes=item.attributes) for item in found]
+        return ItemsResponse(items=items, unknown_items=unknown)
+
     @bentoml.api(input_spec=EventRequest, output_spec=EventResponse)
     async def events(self, **fields: object) -> Response:
         """Append items to a session's stored history (most recent last): answers its length."""
@@ -264,6 +286,8 @@ class Recommender:
 
 
 Recommender.mount_asgi_app(SESSIONS_APP, path="/sessions")  # GET, DELETE /sessions/{id}
+# GET /playground: the page to try the model in a browser (edge/playground.py).
+Recommender.mount_asgi_app(playground.app(), path="/")
 # Outermost: Connection: close on every response once the stop signal came (lifecycle.py).
 Recommender.add_asgi_middleware(lifecycle.DrainMiddleware)
 # Calls per endpoint, and the refused ones by outcome, next to the answered ones counted in
