@@ -16,7 +16,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 IMAGE ?= recbole-bento:latest
 
-.PHONY: install install-dev java redis chromium serve demo-model build containerize test lint clean bench-peers-env
+.PHONY: install install-dev java redis chromium serve demo-model build containerize test test-fast lint clean bench-peers-env
 
 # Runtime only: what `make serve`, `make build` and a server need.
 $(VENV)/.runtime: pyproject.toml
@@ -81,6 +81,10 @@ lint: | $(VENV)/.dev
 
 test: lint java redis chromium
 	$(BIN)/python -m pytest -q tests
+
+# Everything that needs no trained model and no server: a couple of minutes.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not server and not slow" tests
 
 # The benchmark's peers (LitServe, Ray Serve) in their own venv, and wrk: docs/benchmarks.md.
 bench-peers-env:

@@ -29,6 +29,21 @@ SUBSET_USERS = 300  # ml-100k users 1..300: ~30k interactions, seconds per epoch
 
 _trained: dict[tuple, Trained] = {}
 
+# What marks a test (pyproject.toml registers the markers; `make test-fast` leaves both out): a
+# test that needs a trained model is slow, one that needs a running server is a server test. Tests
+# that start a server of their own (``serving``) carry ``@pytest.mark.server`` themselves.
+SLOW_FIXTURES = {"train_tiny"}
+SERVER_FIXTURES = {"sasrec_server", "sasrec_split_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if needs & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if needs & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
+
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:

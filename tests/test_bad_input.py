@@ -235,6 +235,7 @@ def limited_server(sasrec_tag):
         yield url
 
 
+@pytest.mark.server
 def test_limits_come_from_the_environment(limited_server):
     url = limited_server
     info = httpx.post(f"{url}/model_info", json={}, timeout=30).json()
@@ -258,6 +259,7 @@ def test_limits_come_from_the_environment(limited_server):
     assert batch.status_code == 400 and batch.json() == {"error": "at most 4 requests per batch, got 5"}
 
 
+@pytest.mark.server
 def test_over_max_concurrency_is_429_with_retry_after(limited_server):
     url = limited_server
     # Single /recommend calls wait together in the worker's batcher, so they overlap in the worker
@@ -290,6 +292,7 @@ def _status(answer: bytes) -> int | None:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
 
 
+@pytest.mark.server
 def test_body_that_never_arrives_is_408(limited_server):
     """The body must arrive within RECBOLE_BENTO_BODY_TIMEOUT_S (3 s here): 408, the connection is
     closed, and the request never held one of the 2 concurrency slots."""
@@ -309,6 +312,7 @@ def test_body_that_never_arrives_is_408(limited_server):
         assert httpx.post(f"{limited_server}/recommend", json=GOOD, timeout=30).status_code == 200
 
 
+@pytest.mark.server
 def test_slow_clients_do_not_lock_others_out(limited_server):
     """60 connections that send their headers, then one body byte every second, reconnecting once
     refused, for 6 s, against a concurrency limit of 2. A slot is taken only once a body is in, so

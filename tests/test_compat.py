@@ -118,6 +118,7 @@ def test_a_model_file_on_a_changed_bentoml_is_one_line(monkeypatch, tmp_path) ->
         store.import_archive(model_file, tmp_path / "home")
 
 
+@pytest.mark.server
 def test_bentoml_serve_exits_in_one_line_on_an_untested_bentoml(tmp_path) -> None:
     """The real `bentoml serve` stops before any worker starts: status 1, one line, no traceback."""
     (tmp_path / "sitecustomize.py").write_text('import bentoml\nbentoml.__version__ = "1.5.0"\n')

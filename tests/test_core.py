@@ -253,6 +253,7 @@ def test_parity_sasrec_over_http(sasrec, sasrec_server):
     _check_parity(sasrec, sasrec_server)
 
 
+@pytest.mark.server
 def test_parity_gru4rec_over_http(train_tiny):
     gru = train_tiny("GRU4Rec", MAX_ITEM_LIST_LENGTH=10)
     tag = import_ok(gru.checkpoint, "--dataset-pickle", gru.dataset_pickle)
@@ -418,6 +419,7 @@ def shop(train_tiny, workdir):
     return trained, tag
 
 
+@pytest.mark.server
 def test_non_default_field_names_via_data_path(shop):
     trained, tag = shop
     meta = bentoml.models.get(tag).info.metadata

@@ -87,14 +87,23 @@ def path_with(model, planned: Planner | None = None, **kw) -> RequestPath:
 def test_batcher_ranks_a_lone_call_at_once_and_batches_concurrent_ones():
     stub = StubModel()
 
+    everyone_called = asyncio.Event()
+
     async def rank_many(queries):
-        await asyncio.sleep(0.01)  # a model call in flight: the next calls queue behind it
+        if stub.calls:  # after the lone call, a model call stays in flight until all 20 are made
+            await everyone_called.wait()
         return stub.rank_many(queries)
 
+    batched = Batcher(rank_many, max_batch=8, max_wait_s=10)
+
+    async def call(k: int) -> RankResult:
+        if k == 20:
+            everyone_called.set()  # the held call resumes only after this one is queued
+        return await batched(RankQuery([1], k))
+
     async def scenario():
-        batched = Batcher(rank_many, max_batch=8, max_wait_s=10)
         alone = await batched(RankQuery([1], 1))
-        many = await asyncio.gather(*(batched(RankQuery([1], k)) for k in range(1, 21)))
+        many = await asyncio.gather(*(call(k) for k in range(1, 21)))
         return alone, many
 
     alone, many = asyncio.run(scenario())
@@ -369,8 +378,11 @@ def test_calls_hanging_on_a_dead_worker_get_503_once_it_is_known_down():
     worker gone turns it into the same 503 as the calls that follow, instead of a hang."""
     ranker = DeadRanker()
 
+    sent = asyncio.Event()
+
     async def hang(queries):
-        await asyncio.sleep(3600)
+        sent.set()
+        await asyncio.sleep(3600)  # the arbiter's socket: connects, never answers
 
     remote = RemoteModel(hang, ranker.device, ranker.is_ready, retry_after_s=2,
                          transport_errors=(OSError,))  # fmt: skip
@@ -378,7 +390,7 @@ def test_calls_hanging_on_a_dead_worker_get_503_once_it_is_known_down():
 
     async def scenario():
         pending = asyncio.ensure_future(path.respond([request()], batch=False))
-        await asyncio.sleep(0.05)  # the call is on its way to the dead worker
+        await asyncio.wait_for(sent.wait(), 5)  # the call is on its way to the dead worker
         assert not pending.done()
         ready = await remote.ready()  # /readyz: no answer within 0.5 s -> down
         answer = await asyncio.wait_for(pending, 1.0)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -206,6 +207,35 @@ async def _first_status(url: str, wanted: int, limit_s: float) -> float | None:
     return None
 
 
+async def _until(condition: Callable[[], bool], limit_s: float, state: object) -> None:
+    """Poll *condition* every 50 ms; fail with *state* when it is not true within *limit_s*."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, state
+        await asyncio.sleep(0.05)
+
+
+def _wait_read_by_server(client: socket.socket, port: int, limit_s: float = 30) -> None:
+    """Poll until the server on *port* has read all that *client* sent: the client's send queue and
+    the server's receive queue of that connection are both empty (Linux's /proc/net/tcp)."""
+    mine = client.getsockname()[1]
+    deadline = time.monotonic() + limit_s
+    while True:
+        queues = {}
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+            tx, rx = (int(n, 16) for n in fields[4].split(":"))
+            queues[(local, remote)] = (tx, rx)
+        client_tx = queues.get((mine, port), (None, None))[0]
+        server_rx = queues.get((port, mine), (None, None))[1]
+        if client_tx == 0 and server_rx == 0:
+            return
+        assert time.monotonic() < deadline, f"the server did not read the request: {client_tx}, {server_rx}"
+        time.sleep(0.01)
+
+
+@pytest.mark.server
 def test_sigterm_under_load_answers_every_accepted_request(sasrec, sasrec_tag, tmp_path):
     """SIGTERM to `bentoml serve` while 32 keep-alive clients keep it busy (split topology, so that
     the ranker must outlive the public worker): /readyz says 503 at once, the responses of the drain
@@ -234,12 +264,13 @@ def test_sigterm_under_load_answers_every_accepted_request(sasrec, sasrec_tag, t
         async def scenario() -> tuple[float, float | None]:
             stop = asyncio.Event()
             load = asyncio.create_task(_hammer(server.port, bodies, 32, stop, outcomes))
-            await asyncio.sleep(3)
-            assert outcomes.get(200, 0) > 0 and set(outcomes) == {200, 400}, outcomes
+            await _until(lambda: outcomes.get(200, 0) >= 64, 60, outcomes)  # every client busy, twice over
+            assert set(outcomes) == {200, 400}, outcomes
             server.proc.send_signal(signal.SIGTERM)
             unready = await _first_status(server.url, 503, 1.5)
             took = await asyncio.to_thread(server.wait_exit, grace + 10)
-            await asyncio.sleep(0.5)  # clients now meet a closed port
+            # the clients now meet a closed port (and back off 0.05 s each time)
+            await _until(lambda: outcomes.get("failed_on_new_connection", 0) >= 32, 10, outcomes)
             stop.set()
             await load
             return took, unready
@@ -280,6 +311,7 @@ def test_sigterm_under_load_answers_every_accepted_request(sasrec, sasrec_tag, t
     )
 
 
+@pytest.mark.server
 def test_grace_period_bounds_the_stop(sasrec_tag, tmp_path):
     """A request that never completes (its body never arrives) cannot hold the stop: the service
     exits RECBOLE_BENTO_SHUTDOWN_GRACE_S after SIGTERM and says why."""
@@ -291,7 +323,7 @@ def test_grace_period_bounds_the_stop(sasrec_tag, tmp_path):
                 b"POST /recommend HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 b'content-length: 100\r\n\r\n{"sequence": '
             )
-            time.sleep(0.5)
+            _wait_read_by_server(stuck, server.port)  # the request is in the service, waiting for its body
             server.proc.send_signal(signal.SIGTERM)
             took = server.wait_exit(grace + 20)
     finally:
@@ -347,6 +379,7 @@ async def _kill_under_load(
     return {"answers": answers, "failures": failures, "readyz_503_s": unready}
 
 
+@pytest.mark.server
 def test_killed_model_worker_gives_503_with_retry_after_then_serves_again(sasrec, sasrec_tag, tmp_path):
     """Split topology, one model worker: kill -9 it under 20 connections. No 500; every refusal is a
     503 with Retry-After saying the model worker is restarting; /readyz says 503 within 1 s; answers
@@ -398,6 +431,7 @@ def test_killed_model_worker_gives_503_with_retry_after_then_serves_again(sasrec
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
 
 
+@pytest.mark.server
 def test_killed_inprocess_worker_is_replaced_while_the_other_serves(sasrec, sasrec_tag, tmp_path):
     """In-process topology, two API workers each holding the model: kill -9 one under 20 connections.
     No 500 and no 503 (the other worker ranks meanwhile: /readyz stays 200), only the requests in

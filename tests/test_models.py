@@ -33,6 +33,8 @@ from recbole_bento.core.engine import Engine, RankQuery
 from recbole_bento.core.importer import import_checkpoint
 from recbole_bento.core.models import MODEL_SPECS, UnsupportedModelError
 
+pytestmark = pytest.mark.slow  # every test here trains its models
+
 RESULTS = ROOT / "build" / "model-parity.json"
 USERS = 100  # ml-100k users 1..100: ~11k interactions, ~1.2k items
 KG_DIM = 16
@@ -274,6 +276,7 @@ def http_answers(url: str, name: str, bodies: list[dict[str, Any]]) -> list[dict
     return got
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_model_imports_and_serves_with_parity(name, model_data, workdir, parity_log, request):
     started = time.monotonic()
@@ -328,6 +331,7 @@ def test_s3rec_pretraining_checkpoint_is_refused(model_data, workdir):
         import_checkpoint(pre.checkpoint, dataset_pickle=pre.dataset_pickle, name="s3rec-pretrain")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("name", ["SASRec", "SINE"])
 def test_replayed_test_split_reproduces_recbole_metrics(name, request, tmp_path, parity_log):
     if name == "SASRec":

@@ -146,6 +146,7 @@ def test_api_paths_skip_unsampled_tracing_spans():
         assert not excluded.url_disabled(url), url
 
 
+@pytest.mark.server
 def test_bentoml_configuration_still_governs_tracing_and_access_log(sasrec_server, sasrec_tag):
     """With a sample rate set, every path is traced again; the access log is BentoML's: on with
     RECBOLE_BENTO_ACCESS_LOG=1, and still switched off per service in BentoML's configuration."""

@@ -423,6 +423,7 @@ def test_verify_digests_names_missing_and_altered_files(sasrec_tag, tmp_path):
         verify_digests(copy_dir, digests)
 
 
+@pytest.mark.server
 def test_altered_stored_file_stops_the_server(sasrec_tag, tmp_path):
     """One flipped byte in the stored weights: `bentoml serve` exits with an error naming the file,
     and /readyz never answers 200."""
@@ -468,6 +469,7 @@ def test_altered_stored_file_stops_the_server(sasrec_tag, tmp_path):
     )
 
 
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [

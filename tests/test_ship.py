@@ -215,6 +215,7 @@ def assert_same(got: list[dict], want: list[dict]) -> None:
         assert g["score_list"] == pytest.approx(w["score_list"], abs=1e-5)
 
 
+@pytest.mark.server
 def test_exported_bento_serves_the_same_topk_outside_the_repo(cpu_bento, sasrec_tag, sasrec_server, tmp_path):
     archive = tmp_path / "recbole-bento.bento"
     bentoml_cli("export", str(cpu_bento.tag), str(archive))

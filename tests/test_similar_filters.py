@@ -333,10 +333,12 @@ def _check_similar(url: str, table: np.ndarray, tokens: list[str]) -> None:
         assert_same_topk(got, _numpy_similar(table, tokens, known, 10), tol=1e-5)
 
 
+@pytest.mark.server
 def test_similar_items_match_numpy_cosine_sasrec(shop):
     _check_similar(shop.url, shop.table, shop.tokens)
 
 
+@pytest.mark.server
 def test_similar_items_match_numpy_cosine_gru4rec_split(train_tiny):
     """Split topology (SASRec's server runs in-process, the default here): similar-items queries
     travel to the Ranker service and back."""
@@ -347,6 +349,7 @@ def test_similar_items_match_numpy_cosine_gru4rec_split(train_tiny):
     assert "topology split" in serving.last_log  # type: ignore[attr-defined]
 
 
+@pytest.mark.server
 def test_similar_items_exclude_candidates_filters_and_fallback(shop):
     base = post(shop.url, "/similar_items", {"items": ["50"], "topk": 20}).json()["item_list"]
     excluded = post(shop.url, "/similar_items", {"items": ["50"], "exclude": base[:2]}).json()
@@ -362,6 +365,7 @@ def test_similar_items_exclude_candidates_filters_and_fallback(shop):
     assert body["item_list"] and all(values["release_year"][i] == {"1994"} for i in body["item_list"])
 
 
+@pytest.mark.server
 def test_filters_match_recbole_scores_with_non_matching_items_at_minus_inf(sasrec, shop):
     values = _item_values(shop.item_file)
     cases = [
@@ -394,6 +398,7 @@ def test_filters_match_recbole_scores_with_non_matching_items_at_minus_inf(sasre
         assert_same_topk(got, want)
 
 
+@pytest.mark.server
 def test_explanations_match_numpy(shop):
     history = ["50", "181", "1", "1", "100", "not-an-item"]
     got = post(shop.url, "/recommend", {"sequence": history, "topk": 10, "explain": True}).json()
@@ -422,6 +427,7 @@ def test_explanations_match_numpy(shop):
         assert client.similar_items(items=["50"], topk=3) == similar
 
 
+@pytest.mark.server
 def test_bad_filters_are_400_naming_the_fields_and_model_info_lists_them(shop, sasrec_server):
     fields = "filterable fields: movie_title (token_seq), release_year (token), class (token_seq)"
     for path, body in [
@@ -446,6 +452,7 @@ def test_bad_filters_are_400_naming_the_fields_and_model_info_lists_them(shop, s
     assert "items" in json.dumps(docs["components"]) or "items" in json.dumps(schema)
 
 
+@pytest.mark.server
 def test_metrics_count_endpoints_and_filter_selectivity(shop):
     before = scrape(shop.url)
     post(shop.url, "/similar_items", {"items": ["50"], "filters": {"release_year": ["1995"]}})
