@@ -27,7 +27,7 @@ from recbole_bento.core.catalogue import CatalogueError
 from recbole_bento.core.engine import Engine
 from recbole_bento.core.planner import Planner, RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
-from recbole_bento.core.sessions import Limits, open_store
+from recbole_bento.core.sessions import Limits, StoreError, open_store, store_address
 from recbole_bento.edge import fast_path, guard, lifecycle, observability, playground, startup, topology
 from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
 from recbole_bento.edge.sessions import SessionHistory, SessionsApp
@@ -126,6 +126,12 @@ class Ranker:
     @bentoml.api
     def device(self) -> str:
         return str(self.engine.device)
+
+
+try:  # a session store setting that names nothing usable stops the server here, in one line
+    store_address(SETTINGS.session_store)
+except StoreError as exc:
+    raise SystemExit(f"recbole-bento: {exc}") from None
 
 
 def session_history(window: Callable[[], int]) -> SessionHistory:

@@ -35,6 +35,7 @@ from recbole_bento.core.sessions import (
     StoreError,
     StoreUnavailable,
     open_store,
+    store_address,
 )
 from recbole_bento.edge.sessions import SessionHistory, SessionsApp
 from recbole_bento.schemas import RecommendRequest
@@ -220,11 +221,24 @@ def test_sqlite_survives_a_restart_and_is_shared_by_paths(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec", ["postgres://x/y", "sqlite://relative.db", "sqlite:///", "redis://host:notaport/0", "memory"]
+    "spec",
+    [
+        "postgres://x/y",
+        "sqlite://relative.db",
+        "sqlite:///",
+        "redis://host:notaport/0",
+        "redis:///0",
+        "memory",
+    ],
 )
 def test_unusable_store_settings_are_refused(spec, tmp_path):
     with pytest.raises(StoreError, match="RECBOLE_BENTO_SESSION_STORE"):
+        store_address(spec)
+    with pytest.raises(StoreError, match="RECBOLE_BENTO_SESSION_STORE"):
         open_store(spec, tmp_path / "s.sqlite3", ttl_s=1, max_sessions=0, timeout_s=0.2, limits=LIMITS)
+    assert store_address(None) == store_address("") == ("sqlite", None)
+    assert store_address("sqlite:///var/s.db") == ("sqlite", "/var/s.db")
+    assert store_address("rediss://:pw@cache:6380/2") == ("redis", "rediss://:pw@cache:6380/2")
 
 
 # ------------------------------------------------------------------ hostile stored data

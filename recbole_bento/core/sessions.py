@@ -113,6 +113,27 @@ def _corrupt(store: str, what: str) -> None:
     logger.warning("session store %s: %s; read as no history", store, what)
 
 
+def store_address(spec: str | None) -> tuple[str, str | None]:
+    """What *spec* (``RECBOLE_BENTO_SESSION_STORE``) names, checked without opening anything:
+    ``("sqlite", None)`` unset (the default file), ``("sqlite", "/abs/path")`` for
+    ``sqlite:///abs/path``, ``("redis", url)`` for ``redis://host:port/db`` (``rediss://``: TLS)."""
+    if not spec:
+        return "sqlite", None
+    parts = urlsplit(spec)
+    try:
+        parts.port  # noqa: B018  (a port that is not a number raises here)
+    except ValueError as exc:
+        raise StoreError(f"RECBOLE_BENTO_SESSION_STORE={spec!r}: {exc}") from None
+    if parts.scheme in ("redis", "rediss") and parts.hostname:
+        return "redis", spec
+    if parts.scheme == "sqlite" and spec.startswith("sqlite:///") and len(spec) > len("sqlite:///"):
+        return "sqlite", spec.removeprefix("sqlite://")
+    raise StoreError(
+        f"RECBOLE_BENTO_SESSION_STORE={spec!r}: use redis://host:port/db, sqlite:///absolute/path, "
+        "or leave it unset for SQLite under the BentoML home"
+    )
+
+
 def open_store(
     spec: str | None,
     default_path: Path,
@@ -122,20 +143,13 @@ def open_store(
     timeout_s: float,
     limits: Limits,
 ) -> SessionStore:
-    """The store *spec* names (``RECBOLE_BENTO_SESSION_STORE``): unset, SQLite at *default_path*;
-    ``sqlite:///abs/path``; ``redis://host:port/db`` (``rediss://`` for TLS)."""
-    if not spec:
-        return SQLiteStore(default_path, ttl_s=ttl_s, max_sessions=max_sessions, limits=limits)
-    scheme = urlsplit(spec).scheme
-    if scheme in ("redis", "rediss"):
-        return RedisStore(spec, ttl_s=ttl_s, max_sessions=max_sessions, timeout_s=timeout_s, limits=limits)
-    if scheme == "sqlite" and spec.startswith("sqlite:///") and len(spec) > len("sqlite:///"):
-        path = Path(spec.removeprefix("sqlite://"))
-        return SQLiteStore(path, ttl_s=ttl_s, max_sessions=max_sessions, limits=limits)
-    raise StoreError(
-        f"RECBOLE_BENTO_SESSION_STORE={spec!r}: use redis://host:port/db, sqlite:///absolute/path, "
-        "or leave it unset for SQLite under the BentoML home"
-    )
+    """The store *spec* names (``store_address``); unset: SQLite at *default_path*."""
+    kind, target = store_address(spec)
+    if kind == "redis":
+        assert target is not None
+        return RedisStore(target, ttl_s=ttl_s, max_sessions=max_sessions, timeout_s=timeout_s, limits=limits)
+    path = Path(target) if target else default_path
+    return SQLiteStore(path, ttl_s=ttl_s, max_sessions=max_sessions, limits=limits)
 
 
 # ---------------------------------------------------------------------------------------------- SQLite
@@ -254,8 +268,12 @@ class SQLiteStore:
                 db.execute("UPDATE sessions SET items = ?, user_id = ?, touched = ? WHERE id = ?", row)
             else:
                 db.execute("INSERT INTO sessions (items, user_id, touched, id) VALUES (?, ?, ?, ?)", row)
-            if self.ttl_s:
-                db.execute("DELETE FROM sessions WHERE touched < ?", (now - self.ttl_s,))
+            if self.ttl_s:  # a few expired sessions per append: never a long stall after a quiet spell
+                db.execute(
+                    "DELETE FROM sessions WHERE id IN "
+                    "(SELECT id FROM sessions WHERE touched < ? ORDER BY touched LIMIT 100)",
+                    (now - self.ttl_s,),
+                )
             if not exists and self.max_sessions:
                 self._evict(db)
             db.execute("COMMIT")
@@ -340,10 +358,7 @@ class RedisStore:
         from redis.backoff import NoBackoff
 
         parts = urlsplit(url)
-        try:
-            where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-        except ValueError as exc:  # a port that is not a number
-            raise StoreError(f"RECBOLE_BENTO_SESSION_STORE: {exc}") from None
+        where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
         self.name = f"{parts.scheme}://{where}{parts.path or '/0'}"  # no password in logs or answers
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
