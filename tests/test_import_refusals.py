@@ -4,13 +4,16 @@ are generated here from the session's genuine checkpoint and dataset."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ from conftest import ROOT, free_port, import_ok, run_import
 
 from recbole_bento.core import store
 from recbole_bento.core.engine import Engine
+from recbole_bento.core.importer import ImportRefused, check_sizes
+from recbole_bento.core.models import MODEL_SPECS, spec_for
 from recbole_bento.core.ranking import RankQuery
 from recbole_bento.core.safe_pickle import load_checkpoint, load_dataset_pickle
 
@@ -147,6 +152,27 @@ def test_absurd_sizes_are_refused_before_allocating(sasrec, tmp_path, key, value
     assert f"{path}: {key}={value!r} is not an integer in 1.." in line
 
 
+def test_size_bounds_follow_the_models_spec():
+    """The bounds come from the model's ModelSpec: Caser's ``nh`` is bounded, SASRec never reads it."""
+    config = defaultdict(lambda: None, {"MAX_ITEM_LIST_LENGTH": 50, "nh": 10**6})
+    with pytest.raises(ImportRefused, match=r"ckpt: nh=1000000 is not an integer in 1..16384"):
+        check_sizes(config, spec_for("Caser"), "ckpt")
+    check_sizes(config, spec_for("SASRec"), "ckpt")
+
+
+def test_each_spec_names_the_size_keys_its_constructor_reads():
+    """A size key read by a model's RecBole module but missing from its ModelSpec would reach its
+    constructor unbounded; a key the class never reads has no place in its spec."""
+    size_keys = {k for spec in MODEL_SPECS.values() for k in (*spec.width_keys, *spec.count_keys)}
+    for name, spec in MODEL_SPECS.items():
+        if spec.unsupported:
+            continue
+        source = inspect.getsource(inspect.getmodule(spec.model_class()))  # with its helper classes
+        read = set(re.findall(r'config\[\s*"([^"]+)"\s*\]', source))
+        own = {*spec.width_keys, *spec.count_keys}
+        assert read & size_keys <= own and own <= read, (name, read & size_keys, own)
+
+
 def test_invalid_and_taken_names(sasrec, sasrec_tag):
     inputs = (sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle)
     line = refused(*inputs, "--name", "../../etc")
@@ -263,6 +289,7 @@ def test_progress_and_summary(sasrec):
     assert bentoml.models.get(tag).tag.name == "sasrec-ml-100k"
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("tag", [None, "no-such-model:v1"], ids=["empty store", "unknown tag"])
 def test_serving_without_the_model_says_why_in_one_line(tmp_path, tag):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path)}

@@ -23,6 +23,7 @@ from recbole.data.interaction import Interaction
 from .artifact import Artifact, ArtifactError, ServingConfig
 from .attributes import ItemAttributes
 from .blockwise import BlockTopK, ChunkedTopK, same_topk
+from .models import ModelSpec
 from .ranking import NEG_INF, FilterCompiler, RankQuery, RankResult, apply_masks
 
 EXPLAIN_ITEMS = 3  # history items named per returned item
@@ -241,14 +242,13 @@ def unit_table(model: torch.nn.Module, name: str | None, n_items: int) -> torch.
     return F.normalize(weight.detach()[:n_items].float(), dim=1).contiguous()
 
 
-def query_fn(model: torch.nn.Module, kind: str | None) -> Callable[[Any], torch.Tensor] | None:
+def query_fn(model: torch.nn.Module, spec: ModelSpec) -> Callable[[Any], torch.Tensor] | None:
     """``interaction -> seq_output [B, H]`` as the model's full_sort_predict computes it before its
-    product with ``item_embedding.weight``; None when the spec says it scores otherwise (*kind*:
-    ``ModelSpec.dot_product``) or the model has no such table."""
-    table = getattr(getattr(model, "item_embedding", None), "weight", None)
-    if kind is None or not isinstance(table, torch.Tensor) or table.dim() != 2:
+    product with its item table (``spec.table``); None when the spec says it scores otherwise
+    (``ModelSpec.dot_product``) or the model has no such table."""
+    if spec.dot_product is None or spec.table(model) is None:
         return None
-    if kind == "seq_and_len":
+    if spec.dot_product == "seq_and_len":
         return lambda inter: model.forward(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN])
     return lambda inter: model.forward(inter[model.ITEM_SEQ])
 
@@ -271,10 +271,11 @@ def block_ranker(engine: Engine, block_items: int, min_items: int | None = None)
         return None
     if engine.n_items < (4 * block_items if min_items is None else min_items):
         return None
-    query = query_fn(engine.model, engine.artifact.spec.dot_product)
+    spec = engine.artifact.spec
+    query = query_fn(engine.model, spec)
     if query is None:
         return None
-    table = engine.model.item_embedding.weight.detach()
+    table = cast(torch.Tensor, spec.table(engine.model)).detach()  # query_fn found it
     if table.shape[0] != engine.n_items or table.dtype != torch.float32:
         return None
     ranker = BlockRanker(query, exact_scorer(table, engine.n_items, block_items))

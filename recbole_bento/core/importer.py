@@ -17,7 +17,7 @@ from bentoml.exceptions import BentoMLException, NotFound
 from . import attributes, store
 from .artifact import ArtifactError, check_config_bounds, file_digests, load_artifact, write_artifact
 from .engine import Engine
-from .models import UnsupportedModelError, spec_for
+from .models import ModelSpec, UnsupportedModelError, spec_for
 from .safe_pickle import load_checkpoint, load_dataset_pickle
 from .vocabulary import VocabularyMismatch, check_vocabulary
 
@@ -38,18 +38,13 @@ class Progress:
         return contextlib.nullcontext(lambda done: None)
 
 
-# Size-like config values the model constructors allocate from. The checkpoint's weights fix the
-# real sizes, but a constructor allocates before load_state_dict can compare: bound them first.
-# The window is bounded by the longest history the service accepts (settings.max_history).
+# Size-like config values the model constructors allocate from (``ModelSpec.width_keys`` and
+# ``count_keys``). The checkpoint's weights fix the real sizes, but a constructor allocates before
+# load_state_dict can compare: bound them first. The window is bounded by the longest history the
+# service accepts (settings.max_history).
 MAX_WINDOW = 10_000
 MAX_WIDTH = 16_384
 MAX_COUNT = 64
-_WIDTH_KEYS = (
-    "hidden_size", "embedding_size", "inner_size", "kg_embedding_size", "prototype_size",
-    "interest_size", "k_interests", "kernel_size", "nh", "nv", "order_len", "short_item_length",
-    "reranker_CAN_NUM",
-)  # fmt: skip
-_COUNT_KEYS = ("n_layers", "num_layers", "n_heads", "block_num", "step", "high_order")
 
 
 def check_file(path: Path, what: str) -> Path:
@@ -81,11 +76,11 @@ def check_name(name: str) -> bentoml.Tag:
     return tag
 
 
-def check_sizes(config: Any, source: str) -> None:
-    """Refuse size-like config values no real model has, before a constructor allocates them."""
+def check_sizes(config: Any, spec: ModelSpec, source: str) -> None:
+    """Refuse size-like config values no real model has, before *spec*'s constructor allocates them."""
     bounds = {"MAX_ITEM_LIST_LENGTH": MAX_WINDOW}
-    bounds.update(dict.fromkeys(_WIDTH_KEYS, MAX_WIDTH))
-    bounds.update(dict.fromkeys(_COUNT_KEYS, MAX_COUNT))
+    bounds.update(dict.fromkeys(spec.width_keys, MAX_WIDTH))
+    bounds.update(dict.fromkeys(spec.count_keys, MAX_COUNT))
     for key, bound in bounds.items():
         value = config[key]
         if value is None and key != "MAX_ITEM_LIST_LENGTH":
@@ -120,7 +115,7 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> dict[str, Any]:
         value = checkpoint.get(key)
         if value is not None and not (isinstance(value, kinds) and not isinstance(value, bool)):
             raise ImportRefused(f"{path}: the checkpoint's {key} is {type(value).__name__}, not a number")
-    check_sizes(config, str(path))
+    check_sizes(config, spec_for(values["model"]), str(path))  # refuses an unsupported model too
     return checkpoint
 
 
