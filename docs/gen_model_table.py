@@ -2,8 +2,6 @@
 
     python -m pytest tests/test_models.py          # writes build/model-parity.json
     python docs/gen_model_table.py                 # writes docs/model_table.md
-    python docs/gen_model_table.py --readme README.md   # and the README's part between the
-                                                        # model-table:start / :end markers
 
 Rows come from recbole_bento.models.MODEL_SPECS (what each model needs, its notes) and the parity
 column from the test results; a supported model with no result reads "not run", never "pass".
@@ -19,8 +17,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
 
 
 def _parity(spec: Any, result: dict[str, Any] | None) -> str:
@@ -111,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "build" / "model-parity.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "model_table.md")
-    parser.add_argument("--readme", type=Path, help="also replace the README's model-table section")
     args = parser.parse_args(argv)
     if not args.results.is_file():
         print(f"gen_model_table: no {args.results}: run pytest tests/test_models.py first", file=sys.stderr)
@@ -119,15 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     table = render(json.loads(args.results.read_text()))
     args.out.write_text("# Supported models\n\n" + table)
     print(f"wrote {args.out}")
-    if args.readme:
-        text = args.readme.read_text()
-        if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-            print(f"gen_model_table: {args.readme} needs one {START} ... {END} pair", file=sys.stderr)
-            return 1
-        head, rest = text.split(START)
-        _, tail = rest.split(END)
-        args.readme.write_text(f"{head}{START}\n{table}{END}{tail}")
-        print(f"updated {args.readme}")
     return 0
 
 
