@@ -387,7 +387,8 @@ function renderAnswer(variant, result) {
 async function showSimilar(id, variant) {
   const section = $("similar");
   section.hidden = false;
-  $("similar-title").textContent = `Items like ${label(id)}`;
+  const where = variant === null ? "" : ` (variant ${variant})`;
+  $("similar-title").textContent = `Items like ${label(id)}${where}`;
   const list = $("similar-list");
   list.replaceChildren();
   if (!state.info || !state.info.similar_items) {
