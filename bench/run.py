@@ -557,7 +557,7 @@ def ceiling(fx: Fixture, batches: list[int], layout: dict, args: argparse.Namesp
 
 
 def targets(report: dict) -> list[dict]:
-    """Issue 11's targets against this run; ratios come from the same pairing (A B A B windows)."""
+    """The service's targets against this run; ratios come from the same pairing (A B A B windows)."""
     out: list[dict] = []
 
     def pair(cat: str, c: int, peer: str) -> dict | None:
@@ -639,7 +639,7 @@ def markdown(report: dict) -> str:
             )
         lines.append("")
     lines += [
-        "Targets (issue 11), this run:",
+        "Targets, this run:",
         "",
         "| target | wanted | measured | met |",
         "|---|---|---:|---|",
