@@ -309,6 +309,7 @@ Recommender.add_asgi_middleware(
     guard.RequestGuard,
     api_paths=API_PATHS,
     api_prefixes=("/sessions/",),  # GET and DELETE /sessions/{id}: the same limits
+    openapi_paths=SESSIONS_APP.openapi(),
     max_body_bytes=SETTINGS.max_body_bytes,
     max_concurrency=SETTINGS.max_concurrency,
     retry_after_s=SETTINGS.retry_after_s,

@@ -68,6 +68,7 @@ class RequestGuard:
         api_paths: list[str],
         max_body_bytes: int,
         api_prefixes: tuple[str, ...] = (),
+        openapi_paths: dict[str, Any] | None = None,
         max_concurrency: int,
         retry_after_s: int,
         body_timeout_s: int,
@@ -78,6 +79,7 @@ class RequestGuard:
         # Paths under these answer other methods too (GET and DELETE /sessions/{id}), through the
         # same limits; what they answer is already {"error": ...} JSON.
         self.api_prefixes = api_prefixes
+        self.openapi_paths = openapi_paths or {}  # documented here: BentoML lists only its own routes
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
         self.retry_after_s = retry_after_s
@@ -212,7 +214,9 @@ class RequestGuard:
             if status in (404, 405):
                 return lambda _body: json.dumps({"error": self._routing_error(scope, head)}).encode()
             if status == 200 and scope["path"] == OPENAPI_PATH:
-                return lambda body: json.dumps(amend_openapi(json.loads(body), self.api_paths)).encode()
+                return lambda body: json.dumps(
+                    amend_openapi(json.loads(body), self.api_paths, self.openapi_paths)
+                ).encode()
             return None
 
         return pick
@@ -287,11 +291,15 @@ REFUSALS = {
 }
 
 
-def amend_openapi(doc: dict[str, Any], api_paths: tuple[str, ...]) -> dict[str, Any]:
+def amend_openapi(
+    doc: dict[str, Any], api_paths: tuple[str, ...], extra_paths: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """BentoML's OpenAPI document, made true to what the service answers: an API operation's body
-    is required (the service refuses a request without one), and the front door's refusals are
-    listed with the error body every 4xx has."""
+    is required (the service refuses a request without one), the front door's refusals are
+    listed with the error body every 4xx has, and the routes BentoML does not know of (a mounted
+    app's, *extra_paths*: path -> OpenAPI path item) are added."""
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}
+    doc.setdefault("paths", {}).update(extra_paths or {})
     for path in api_paths:
         for operation in doc.get("paths", {}).get(path, {}).values():
             if "requestBody" in operation:

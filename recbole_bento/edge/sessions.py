@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..core.planner import ExternalId, RequestError
-from ..core.sessions import Session, SessionStore, StoreUnavailable, check_session_id
+from ..core.sessions import SESSION_ID_PATTERN, Session, SessionStore, StoreUnavailable, check_session_id
 from .guard import Receive, Scope, Send
 
 R = TypeVar("R")
@@ -78,6 +78,50 @@ class SessionsApp:
 
     def serve(self, history: SessionHistory) -> None:
         self.history = history
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI path item of ``/sessions/{session_id}``, for the service's /docs.json."""
+        id_schema: dict[str, Any] = {"type": "string", "minLength": 1, "pattern": SESSION_ID_PATTERN}
+        if self.max_id_bytes:
+            id_schema["maxLength"] = self.max_id_bytes
+        parameter = {"name": "session_id", "in": "path", "required": True, "schema": id_schema}
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/InvalidArgument"}}}
+
+        def answers(ok: str, ok_schema: dict[str, Any], refusals: dict[str, str]) -> dict[str, Any]:
+            out = {"200": {"description": ok, "content": {"application/json": {"schema": ok_schema}}}}
+            refusals = {"400": "not a session id", "503": "the session store is down", **refusals}
+            out.update({status: {"description": why, "content": error} for status, why in refusals.items()})
+            return out
+
+        history = {
+            "type": "object",
+            "required": ["session_id", "items", "user_id", "length"],
+            "properties": {
+                "session_id": {"type": "string"},
+                "items": {"type": "array", "items": {"type": "string"}, "description": "oldest first"},
+                "user_id": {"type": "string", "nullable": True},
+                "length": {"type": "integer"},
+            },
+        }
+        deleted = {
+            "type": "object",
+            "required": ["session_id", "deleted"],
+            "properties": {"session_id": {"type": "string"}, "deleted": {"type": "boolean"}},
+        }
+        return {
+            PREFIX + "{session_id}": {
+                "get": {
+                    "summary": "The session's stored history (POST /events appends to it)",
+                    "parameters": [parameter],
+                    "responses": answers("the history", history, {"404": "no stored history"}),
+                },
+                "delete": {
+                    "summary": "Forget the session (a user's erasure request)",
+                    "parameters": [parameter],
+                    "responses": answers("whether a history was stored", deleted, {}),
+                },
+            }
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
