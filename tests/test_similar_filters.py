@@ -10,7 +10,9 @@ recomputed with numpy.
 from __future__ import annotations
 
 import csv
+import gc
 import json
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,6 +130,7 @@ def _planner(spec: str, directory: Path, stored: dict | None = None) -> Planner:
         user_tokens=None,
         popularity=np.array([0, 5, 9, 1, 7, 3]),
         path=directory,
+        window=50,
     )
     return Planner(artifact, max_topk=100)  # type: ignore[arg-type]
 
@@ -157,6 +160,22 @@ def test_planner_refuses_what_the_model_cannot_do(stored, tmp_path):
     )
     assert plan.query.kind == "similar" and plan.query.history == [1] and plan.unknown == ["x"]
     assert plan.query.exclude == [2, 1] and plan.query.filters == {"year": ["1995"]} and plan.passing == 2
+
+
+def test_attributes_are_loaded_once_per_file_in_a_process(stored, tmp_path):
+    """A worker's request schema, planner and engine load the same file: one copy, shared (with its
+    compiled filters); a changed file is read again; a copy nobody holds any more is freed."""
+    planner = _planner("SASRec", tmp_path, stored)
+    again = ItemAttributes.load(tmp_path, len(TOKENS))
+    assert again is planner.attributes and planner.compile_filter == again.compile
+    fewer = {name: field for name, field in stored.items() if name != "price"}
+    (tmp_path / attributes.FILE).write_text(json.dumps(fewer))
+    changed = ItemAttributes.load(tmp_path, len(TOKENS))
+    assert changed is not None and changed is not again and "price" not in changed.kinds()
+    first = weakref.ref(again)
+    del planner, again
+    gc.collect()
+    assert first() is None
 
 
 def test_popularity_fallback_is_filtered(stored, attrs, tmp_path):
@@ -329,7 +348,16 @@ def _check_similar(url: str, table: np.ndarray, tokens: list[str]) -> None:
         got = post(url, "/similar_items", {"items": items, "topk": 10}).json()
         known = [i for i in items if i in tokens]
         assert got["fallback"] is None and got["unknown_items"] == [i for i in items if i not in tokens]
-        assert set(got) == {"item_list", "score_list", "unknown_items", "fallback"}
+        assert set(got) == {
+            "item_list",
+            "score_list",
+            "unknown_items",
+            "fallback",
+            "model",
+            "variant",
+            "retrieval",
+        }
+        assert got["retrieval"] == "exact"
         assert_same_topk(got, _numpy_similar(table, tokens, known, 10), tol=1e-5)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,9 @@ import torch
 from .ranking import Allowed
 
 FILE = "item_attributes.json"
+# What ItemAttributes.load has loaded in this process, by file and version; weak, so that the
+# attributes of a model no longer served are freed with it.
+_LOADED: weakref.WeakValueDictionary[tuple[Any, ...], ItemAttributes] = weakref.WeakValueDictionary()
 TYPES = ("token", "token_seq", "float")
 Filters = dict[str, Any]  # normalised: token fields -> sorted list[str]; float -> {"gte"?, "lte"?}
 _EXAMPLES = 5  # example values /model_info shows per field
@@ -126,12 +130,21 @@ class ItemAttributes:
 
     @classmethod
     def load(cls, directory: Path, n_items: int) -> ItemAttributes | None:
-        """The attributes stored in an artifact directory; None when it has none."""
+        """The attributes stored in an artifact directory; None when it has none. One copy per file
+        in a process: a worker's request schema, planner and engine share it (and its compiled
+        filters) however many times they load it."""
         path = Path(directory) / FILE
         if not path.is_file():
             return None
-        stored = json.loads(path.read_text())
-        return cls(stored, n_items) if stored else None
+        stat = path.stat()
+        key = (str(path.resolve()), n_items, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        loaded = _LOADED.get(key)
+        if loaded is None:
+            stored = json.loads(path.read_text())
+            if not stored:
+                return None
+            loaded = _LOADED[key] = cls(stored, n_items)
+        return loaded
 
     def kinds(self) -> dict[str, str]:
         """Every filterable field with its type (``token``, ``token_seq``, ``float``)."""
