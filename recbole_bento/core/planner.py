@@ -129,7 +129,7 @@ class Planner:
             raise RequestError(
                 f"{what} is not available for {self.spec.name}: it compares items by cosine in the "
                 "item embedding table full_sort_predict scores against, and this model scores "
-                "against none (see the README's model table)"
+                "against none (docs/model_table.md lists the models that have one)"
             )
 
     def _split(self, ids: list[ExternalId]) -> tuple[list[int], list[str]]:
