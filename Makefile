@@ -32,7 +32,7 @@ $(VENV)/.runtime: pyproject.toml
 
 # The test, lint and benchmark tools on top.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,index]'
 	touch $@
 
 # tests/test_spark.py runs Spark on local[2]: a Java runtime from the Debian packages when missing.

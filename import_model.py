@@ -11,59 +11,14 @@ one-line reason on stderr, nothing registered.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from recbole_bento.progress import StderrProgress
+
 PREFIX = "import_model: "
-
-
-class StderrProgress:
-    """Each step as a line on stderr with the seconds the previous one took, and a tqdm bar for the
-    long ones. On a terminal the lines are transient (rewritten in place, cleared at the end), so a
-    refusal still leaves exactly one line; elsewhere (--progress into a log) they stay."""
-
-    def __init__(self, transient: bool) -> None:
-        self.transient = transient
-        self.started = self.step_started = time.perf_counter()
-
-    def step(self, text: str) -> None:
-        now = time.perf_counter()
-        line = f"{PREFIX}[{now - self.started:6.1f}s] {text} ..."
-        self.step_started = now
-        if self.transient:
-            sys.stderr.write("\r\x1b[K" + line[: _columns() - 1])
-            sys.stderr.flush()
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    @contextlib.contextmanager
-    def bar(self, total: int, unit: str) -> Iterator[Callable[[int], None]]:
-        from tqdm import tqdm
-
-        if self.transient:
-            sys.stderr.write("\n")
-        with tqdm(
-            total=total, unit=unit, unit_scale=unit == "B", leave=not self.transient, file=sys.stderr
-        ) as bar:
-            yield bar.update
-        if self.transient:
-            sys.stderr.write("\x1b[1A")  # back onto the step line, which the next step rewrites
-
-    def clear(self) -> None:
-        if self.transient:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
-def _columns() -> int:
-    import shutil
-
-    return shutil.get_terminal_size().columns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         "attributes (default: the item features the dataset loaded, if any)",
     )
     parser.add_argument(
+        "--index",
+        choices=["ivf", "hnsw"],
+        help="also build an approximate retrieval index over the item table (needs the extra: "
+        "pip install 'recbole-bento[index]'; dot-product models only): next-item queries then rank "
+        "its candidates exactly instead of the whole catalogue (docs/operations.md)",
+    )
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=0.95,
+        help="with --index: the recall@10 against the exact top-10, on the validation histories, "
+        "that the index must reach; its search width is tuned to it, and the import refused below it",
+    )
+    parser.add_argument(
         "--trust-pickles",
         action="store_true",
         help="DANGEROUS: load the checkpoint and dataset pickle with plain pickle, which runs any "
@@ -106,11 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from recbole_bento.core.artifact import ArtifactError
     from recbole_bento.core.importer import ImportRefused, import_checkpoint, parse_labels
+    from recbole_bento.core.index import IndexParams
     from recbole_bento.core.models import UnsupportedModelError
     from recbole_bento.core.store import stored_size
 
     show = sys.stderr.isatty() if args.progress is None else args.progress
-    progress = StderrProgress(transient=sys.stderr.isatty()) if show else None
+    progress = StderrProgress(PREFIX, transient=sys.stderr.isatty()) if show else None
     if args.trust_pickles:
         print("WARNING: --trust-pickles: unpickling without the allowlist", file=sys.stderr)
     try:
@@ -124,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             skip_vocabulary_check=args.skip_vocabulary_check,
             progress=progress,
             item_features=args.item_features,
+            retrieval_index=args.index,
+            min_recall=args.min_recall,
         )
     except (ImportRefused, ArtifactError, UnsupportedModelError) as exc:
         reason = str(exc)
@@ -137,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         meta = model.info.metadata
         print(
             f"{PREFIX}imported {meta['recbole_model']} ({meta['dataset']}): {meta['item_count']:,} items, "
-            f"{meta['user_count']:,} users, {stored_size(model) / 2**20:.1f} MB in the model store",
+            f"{meta['user_count']:,} users, {stored_size(model) / 2**20:.1f} MB in the model store"
+            + (
+                f"; retrieval index {IndexParams.from_json(meta['retrieval_index']).describe()}"
+                if args.index
+                else ""
+            ),
             file=sys.stderr,
         )
         print(model.tag)

@@ -288,6 +288,7 @@ class Recommender:
             },
             similar_items=planner.spec.item_table is not None,
             filterable_fields=planner.attributes.describe() if planner.attributes else {},
+            retrieval_index=self.metadata.get("retrieval_index"),
         )
 
 

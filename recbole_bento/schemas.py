@@ -146,6 +146,11 @@ class RankedItems(BaseModel):
     fallback: Annotated[
         Literal["popular"] | None, WithJsonSchema({"type": "string", "enum": ["popular"], "nullable": True})
     ] = Field(description='"popular" when no known history item (or user) was left to rank with')
+    retrieval: Literal["exact", "index"] = Field(
+        "exact",
+        description='"index" when the model\'s retrieval index picked the candidates (their scores are '
+        'still the exact ones; POST /model_info shows its measured recall), "exact" otherwise',
+    )
 
 
 class SimilarItemsResponse(RankedItems):
@@ -183,6 +188,12 @@ class ModelInfo(BaseModel):
     similar_items: bool = Field(description="whether /similar_items and explain are available")
     filterable_fields: dict[str, dict[str, Any]] = Field(
         description="per field: its type (token, token_seq, float) and a few example values"
+    )
+    retrieval_index: dict[str, Any] | None = Field(
+        None,
+        description="the first variant's retrieval index: kind, nlist/nprobe or M/efSearch, candidates "
+        "re-ranked exactly, recall@10 against the exact top-10 as measured at import; null: exact only",
+        **NULLABLE,
     )
 
 

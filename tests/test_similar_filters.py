@@ -26,6 +26,7 @@ from conftest import assert_same_topk, import_ok, recbole_reference, run_import,
 
 from devtools.training import QUIET_CPU
 from recbole_bento.core import attributes
+from recbole_bento.core.artifact import load_artifact
 from recbole_bento.core.attributes import FilterError, ItemAttributes
 from recbole_bento.core.blockwise import BlockTopK
 from recbole_bento.core.models import MODEL_SPECS
@@ -314,7 +315,7 @@ def _tokens(tag: str) -> list[str]:
 
 def _unit_table(tag: str, name: str = "item_embedding") -> np.ndarray:
     """The stored item table, rows L2-normalised, in float64 (the reference)."""
-    weights = torch.load(Path(bentoml.models.get(tag).path) / "weights.pt", weights_only=True)
+    weights = load_artifact(Path(bentoml.models.get(tag).path)).state_dict
     table = weights[f"{name}.weight"].double().numpy()[: len(_tokens(tag))]
     norms = np.linalg.norm(table, axis=1, keepdims=True)
     return table / np.where(norms == 0, 1, norms)
@@ -490,7 +491,7 @@ def test_metrics_count_endpoints_and_filter_selectivity(shop):
     tag = ("model_tag", shop.tag)
 
     def delta(name: str, *labels: tuple[str, str]) -> float:
-        key = (name, tuple(sorted([tag, *labels])))
+        key = (name, tuple(sorted([tag, ("variant", "default"), *labels])))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     assert delta("recbole_bento_endpoint_requests_total", ("endpoint", "/similar_items")) == 2

@@ -245,15 +245,29 @@ class BlockTopK:
             ids[rows, : items.shape[1] * chunk] = items.reshape(len(scan_rows), -1)
         for row, allowed_ids in direct.items():
             ids[row, : allowed_ids.numel()] = allowed_ids
-        union = torch.unique(ids[ids >= 0])
-        if union.numel() > self.n_items // 2:
-            return None
-        scores = torch.mm(q, self.table[union].T)  # [B, U]: fp32 dot products, as full_sort_predict's
-        cols = torch.searchsorted(union, ids.clamp(min=0)).clamp(max=max(union.numel() - 1, 0))
-        values = scores.gather(1, cols) if union.numel() else torch.empty_like(ids, dtype=q.dtype)
-        values = values.masked_fill(mask.blocked(ids), NEG_INF)
-        top_values, pos = torch.topk(values, min(k, width), dim=1)
-        return top_values, ids.gather(1, pos)
+        return rescore(q, self.table, ids, mask, k, max_items=self.n_items // 2)
+
+
+def rescore(
+    q: torch.Tensor,
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    mask: BatchMask,
+    k: int,
+    max_items: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row r's exact top-k among its own items ``ids[r]`` ([B, width], -1 = none): fp32
+    ``q @ table[items].T`` over the union of the rows' items (the whole batch in one product, as
+    full_sort_predict does), masked, ``torch.topk``. None when the union exceeds *max_items*."""
+    union = torch.unique(ids[ids >= 0])
+    if max_items is not None and union.numel() > max_items:
+        return None
+    scores = torch.mm(q, table[union].T)  # [B, U]: fp32 dot products, as full_sort_predict's
+    cols = torch.searchsorted(union, ids.clamp(min=0)).clamp(max=max(union.numel() - 1, 0))
+    values = scores.gather(1, cols) if union.numel() else torch.empty_like(ids, dtype=q.dtype)
+    values = values.masked_fill(mask.blocked(ids), NEG_INF)
+    top_values, pos = torch.topk(values, min(k, ids.shape[1]), dim=1)
+    return top_values, ids.gather(1, pos)
 
 
 class _TableBlocks:

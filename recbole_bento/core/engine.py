@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -22,9 +22,10 @@ from recbole.data.interaction import Interaction
 
 from .artifact import Artifact, ArtifactError, ServingConfig
 from .attributes import ItemAttributes
-from .blockwise import BlockTopK, ChunkedTopK, same_topk
+from .blockwise import BlockTopK, ChunkedTopK, rescore, same_topk
+from .index import RetrievalIndex, RetrievalIndexError
 from .models import ModelSpec
-from .ranking import NEG_INF, FilterCompiler, RankQuery, RankResult, apply_masks
+from .ranking import NEG_INF, BatchMask, FilterCompiler, RankQuery, RankResult, apply_masks
 
 EXPLAIN_ITEMS = 3  # history items named per returned item
 
@@ -88,6 +89,7 @@ class TopK:
     process that only ranks sends these to the one that decodes: two buffers, not k objects a row)."""
 
     parts: list[tuple[list[int], np.ndarray, np.ndarray]]
+    indexed: list[int] = field(default_factory=list)  # the rows the retrieval index answered
 
 
 class Engine:
@@ -109,6 +111,8 @@ class Engine:
         self.similar_block = None
         if self.unit is not None and 0 < 4 * block_items <= self.n_items:
             self.similar_block = exact_scorer(self.unit, self.n_items, block_items)
+        # next items from a retrieval index's candidates, where the model was imported with one
+        self.index = retrieval_index(self.model, artifact, self.n_items)
 
     def interaction(self, queries: Sequence[RankQuery]) -> Interaction:
         seq, lengths = pad_histories([q.history for q in queries], self.artifact.window)
@@ -134,27 +138,34 @@ class Engine:
     @torch.inference_mode()
     def top_k(self, queries: Sequence[RankQuery]) -> TopK:
         """The model's part of ``rank``: each kind's rows and their top-k, not yet decoded."""
-        parts = []
-        for kind, topk in (("next", self._next_topk), ("similar", self._similar_topk)):
+        top = TopK([])
+        for kind in ("next", "similar"):
             rows = [row for row, query in enumerate(queries) if query.kind == kind]
             if not rows:
                 continue
             part = [queries[row] for row in rows]
-            values, indices = topk(part, min(max(q.topk for q in part), self.n_items))
-            parts.append((rows, values.cpu().numpy(), indices.cpu().numpy()))
-        return TopK(parts)
+            k = min(max(q.topk for q in part), self.n_items)
+            if kind == "next" and self.index is not None:
+                values, indices, indexed = self._index_topk(part, k)
+                top.indexed.extend(row for row, used in zip(rows, indexed, strict=True) if used)
+            else:
+                values, indices = (self._next_topk if kind == "next" else self._similar_topk)(part, k)
+            top.parts.append((rows, values.cpu().numpy(), indices.cpu().numpy()))
+        return top
 
     @torch.inference_mode()  # ``because`` runs torch ops, as it did inside ``rank``
     def results(self, queries: Sequence[RankQuery], top: TopK) -> list[RankResult]:
         """*top* (``top_k(queries)``) as one RankResult per query, in order: each query's own k
         items, masked ones left out; ``explain`` ones get ``because``."""
         results: list[RankResult | None] = [None] * len(queries)
+        indexed = set(top.indexed)
         for rows, values, indices in top.parts:
             # as Python lists once: per-row indexing costs more than the model on small catalogues
             for row, vals, ids in zip(rows, values.tolist(), indices.tolist(), strict=True):
                 k = queries[row].topk
                 kept = [(i, v) for i, v in zip(ids[:k], vals[:k], strict=True) if v > NEG_INF]
-                results[row] = RankResult([i for i, _ in kept], [v for _, v in kept])
+                retrieval = "index" if row in indexed else "exact"
+                results[row] = RankResult([i for i, _ in kept], [v for _, v in kept], retrieval=retrieval)
         for query, result in zip(queries, results, strict=True):
             if query.explain and result is not None:
                 result.because = self.because(query.history, result.items)
@@ -165,6 +176,39 @@ class Engine:
         if self.block is not None:
             top = self.block.topk(self.interaction(queries), queries, k, compile_filter=self.compile_filter)
         return top if top is not None else self.plain_topk(queries, k)
+
+    def _index_topk(
+        self, queries: Sequence[RankQuery], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Next items through the retrieval index: each row's candidates from the index (searched
+        within its allow-list), or all the items of an allow-list small enough to score directly
+        (``RetrievalIndex.prefers_exact``), re-ranked exactly as the block path's pass 2 does
+        (``blockwise.rescore``). Also says, per row, whether the index answered it."""
+        index = cast(RetrievalIndex, self.index)
+        q = self.model_query(queries)
+        mask = BatchMask(queries, self.n_items, q.device, self.compile_filter)
+        direct = {row: ids for row, ids in mask.allowed_ids.items() if index.prefers_exact(ids.numel())}
+        searched = [row for row in range(len(queries)) if row not in direct]
+        excluded = max((len(queries[row].exclude) for row in searched), default=0)
+        width = min(max(index.params.candidates, 4 * k) + excluded, self.n_items) if searched else 0
+        ids = torch.full((len(queries), max(width, *map(len, direct.values()), 1)), -1, dtype=torch.long)
+        if searched:
+            found = index.search(q[searched].cpu().numpy(), width, [mask.allowed.get(r) for r in searched])
+            ids[searched, :width] = torch.from_numpy(found)
+        for row, allowed in direct.items():
+            ids[row, : allowed.numel()] = allowed.cpu()
+        table = cast(torch.Tensor, self.artifact.spec.table(self.model)).detach()  # an index implies it
+        values, items = cast(tuple[torch.Tensor, torch.Tensor], rescore(q, table, ids.to(q.device), mask, k))
+        return values, items, [row not in direct for row in range(len(queries))]
+
+    @torch.inference_mode()
+    def model_query(self, queries: Sequence[RankQuery]) -> torch.Tensor:
+        """[B, H] fp32: the query vectors a dot-product model's full_sort_predict multiplies with
+        its item table (``query_fn``)."""
+        query = query_fn(self.model, self.artifact.spec)
+        if query is None:
+            raise ValueError(f"{self.artifact.model_name} does not score by a dot product with an item table")
+        return query(self.interaction(queries)).float()
 
     @torch.inference_mode()
     def plain_topk(self, queries: Sequence[RankQuery], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +295,20 @@ def query_fn(model: torch.nn.Module, spec: ModelSpec) -> Callable[[Any], torch.T
     if spec.dot_product == "seq_and_len":
         return lambda inter: model.forward(inter[model.ITEM_SEQ], inter[model.ITEM_SEQ_LEN])
     return lambda inter: model.forward(inter[model.ITEM_SEQ])
+
+
+def retrieval_index(model: torch.nn.Module, artifact: Artifact, n_items: int) -> RetrievalIndex | None:
+    """The retrieval index stored with the model (core/index.py), checked against its item
+    table; None without one. Only a dot-product model can have one (``ModelSpec.dot_product``)."""
+    if not RetrievalIndex.present(artifact.path):
+        return None
+    table = artifact.spec.table(model)
+    if query_fn(model, artifact.spec) is None or table is None:
+        raise RetrievalIndexError(
+            f"{artifact.model_name} does not score by a dot product with its item table: "
+            "a retrieval index cannot serve it"
+        )
+    return RetrievalIndex.load(artifact.path, n_items, table.shape[1])
 
 
 def exact_scorer(table: torch.Tensor, n_items: int, block_items: int) -> BlockTopK | ChunkedTopK:

@@ -9,15 +9,18 @@ import tempfile
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bentoml
+import numpy as np
+import torch
 from bentoml.exceptions import BentoMLException, NotFound
 
-from . import attributes, store
+from . import attributes, index, store
 from .artifact import ArtifactError, check_config_bounds, file_digests, load_artifact, write_artifact
 from .engine import Engine
 from .models import ModelSpec, UnsupportedModelError, spec_for
+from .ranking import RankQuery
 from .safe_pickle import load_checkpoint, load_dataset_pickle
 from .vocabulary import VocabularyMismatch, check_vocabulary
 
@@ -45,6 +48,7 @@ class Progress:
 MAX_WINDOW = 10_000
 MAX_WIDTH = 16_384
 MAX_COUNT = 64
+DEFAULT_MIN_RECALL = 0.95  # recall@10 of a retrieval index, unless --min-recall says otherwise
 
 
 def check_file(path: Path, what: str) -> Path:
@@ -232,18 +236,24 @@ def import_checkpoint(
     skip_vocabulary_check: bool = False,
     progress: Progress | None = None,
     item_features: Path | None = None,
+    retrieval_index: str | None = None,
+    min_recall: float = DEFAULT_MIN_RECALL,
 ) -> bentoml.Model:
     """Validate everything, round-trip the artifact through the serving loader, check the item
-    vocabulary against the checkpoint's recorded validation score, then register."""
+    vocabulary against the checkpoint's recorded validation score, build the *retrieval_index*
+    asked for (``ivf``, ``hnsw``; core/index.py), then register."""
     progress = progress or Progress()
     if (dataset_pickle is None) == (data_path is None):
         raise ImportRefused("give exactly one of --dataset-pickle or --data-path")
+    check_index_options(retrieval_index, min_recall)
     if name is not None:
         check_name(name)  # before the slow steps; register() refuses a race
     progress.step(f"reading the checkpoint {checkpoint_path}")
     checkpoint = read_checkpoint(checkpoint_path, trust=trust_pickles)
     config = checkpoint["config"]
-    spec_for(config["model"])  # refuses unsupported models before the (slow) dataset load
+    spec = spec_for(config["model"])  # refuses unsupported models before the (slow) dataset load
+    if retrieval_index and spec.dot_product is None:
+        raise ImportRefused(no_index_reason(spec.name))
     if dataset_pickle is not None:
         progress.step(f"reading the dataset pickle {dataset_pickle}")
         dataset = read_dataset_pickle(dataset_pickle, trust=trust_pickles, progress=progress)
@@ -291,12 +301,74 @@ def import_checkpoint(
                     check_vocabulary(engine, checkpoint, valid, on_rows=advance)
             except VocabularyMismatch as exc:
                 raise ImportRefused(f"{_dataset_source(dataset_pickle, data_path)}: {exc}") from None
+        if retrieval_index:
+            histories = validation_histories(valid, artifact.item_seq_field, artifact.item_seq_len_field)
+            queries = f"{len(histories)} validation histories"
+            params = add_retrieval_index(
+                engine, directory, retrieval_index, histories, min_recall, queries, progress
+            )
         metadata = build_metadata(checkpoint, directory, artifact, source)
+        if retrieval_index:
+            metadata["retrieval_index"] = params.to_json()
         progress.step("registering in the BentoML model store")
         try:
             return store.register(name or default_name(config), directory, metadata, labels or {})
         except BentoMLException as exc:
             raise ImportRefused(str(exc)) from None
+
+
+def check_index_options(kind: str | None, min_recall: float) -> None:
+    if kind is not None and kind not in index.KINDS:
+        raise ImportRefused(f"--index {kind!r}: choose one of {', '.join(index.KINDS)}")
+    if not 0 < min_recall <= 1:
+        raise ImportRefused(f"--min-recall {min_recall}: a recall@10 above 0 and at most 1")
+
+
+def no_index_reason(model: str) -> str:
+    return (
+        f"--index: {model} does not score by a dot product with its item table, so a retrieval "
+        "index cannot find its top items; import it without --index (see the README's model table)"
+    )
+
+
+def validation_histories(
+    valid: Any, seq_field: str, len_field: str, count: int = index.RECALL_QUERIES
+) -> list[list[int]]:
+    """Up to *count* histories of the validation split (a seeded sample): the real queries a
+    retrieval index's recall is measured on."""
+    seq, lengths = valid.inter_feat[seq_field], valid.inter_feat[len_field]
+    rows = np.random.default_rng(0).permutation(len(lengths))[:count]
+    return [seq[r, : lengths[r]].tolist() for r in sorted(rows.tolist()) if lengths[r] > 0]
+
+
+def add_retrieval_index(
+    engine: Engine,
+    directory: Path,
+    kind: str,
+    histories: list[list[int]],
+    min_recall: float,
+    query_source: str,
+    progress: Progress,
+    max_width: int | None = None,
+) -> index.IndexParams:
+    """Build a *kind* index over the engine's item table into *directory*, tuned on the model's own
+    query vectors for *histories* to reach *min_recall*; ImportRefused says why it cannot."""
+    if engine.artifact.spec.dot_product is None:
+        raise ImportRefused(no_index_reason(engine.artifact.model_name))
+    if not histories:
+        raise ImportRefused("--index: no history to measure the index's recall on")
+    progress.step(f"computing {engine.artifact.model_name}'s query vectors for {len(histories)} histories")
+    queries = [RankQuery(h, index.RECALL_K) for h in histories]
+    q = torch.cat([engine.model_query(queries[i : i + 256]) for i in range(0, len(queries), 256)])
+    table = cast(torch.Tensor, engine.artifact.spec.table(engine.model)).detach()  # model_query found it
+    try:
+        data, params = index.build(
+            table, kind, q, min_recall, query_source=query_source, progress=progress, max_width=max_width
+        )
+    except index.RetrievalIndexError as exc:
+        raise ImportRefused(str(exc)) from None
+    index.write(directory, data, params)
+    return params
 
 
 def _dataset_source(dataset_pickle: Path | None, data_path: Path | None) -> str:

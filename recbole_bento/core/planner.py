@@ -186,6 +186,7 @@ class Planner:
             "score_list": result.scores,
             "unknown_items": plan.unknown,
             "fallback": None if plan.rankable else "popular",
+            "retrieval": result.retrieval,
         }
         if plan.query.kind == "next":
             because = result.because

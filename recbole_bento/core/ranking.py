@@ -56,6 +56,7 @@ class RankQuery:
     kind: Literal["next", "similar"] = "next"
     filters: dict[str, Any] | None = None  # normalised (ItemAttributes.normalize)
     explain: bool = False  # also say which history items each returned item is most like
+    model: str | None = None  # the stored model that ranks it, where a ranker holds several (routes)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class RankResult:
     items: list[int]
     scores: list[float]
     because: list[list[int]] | None = None  # per returned item, history items (explain)
+    retrieval: Literal["exact", "index"] = "exact"  # the exact top-k, or a retrieval index's candidates
 
 
 class BatchMask:

@@ -28,7 +28,7 @@ from typing import Any
 import bentoml
 
 from .. import bentoml_compat
-from ..core import store
+from ..core import index, store
 from ..core.artifact import ArtifactError
 from ..core.engine import pick_device
 from ..settings import Settings
@@ -55,6 +55,7 @@ def start(settings: Settings, traced_paths: list[str]) -> Started:
     try:
         model = store.resolve(settings.model)
         store.verify(model)
+        index.require(model.info.metadata)  # a model with a retrieval index needs faiss
     except ArtifactError as exc:  # `bentoml serve` prints a SystemExit's message alone
         raise SystemExit(f"recbole-bento: {exc}") from None
     device = str(pick_device(settings.device))
