@@ -60,10 +60,19 @@ def test_artifact_round_trip_is_pickle_free(sasrec, sasrec_tag):
     assert (
         stored
         == set(meta["files"])
-        == {art.WEIGHTS, art.CONFIG, art.DATASET, art.ITEM_TOKENS, art.POPULARITY}
+        == {
+            art.WEIGHTS,
+            art.CONFIG,
+            art.DATASET,
+            art.ITEM_TOKENS,
+            art.POPULARITY,
+            art.ITEM_TABLE,
+            art.ITEM_UNIT,
+        }
     )
-    # weights load with the safe loader and equal the checkpoint's
+    # weights load with the safe loader and, with the item table stored beside them, equal the checkpoint's
     weights = torch.load(path / art.WEIGHTS, weights_only=True)
+    weights["item_embedding.weight"] = torch.from_numpy(np.load(path / art.ITEM_TABLE))
     original = torch.load(sasrec.checkpoint, weights_only=False)["state_dict"]
     assert weights.keys() == original.keys()
     for key in weights:
@@ -342,6 +351,7 @@ def test_bad_requests_are_400(sasrec_server, body, fragment):
     assert fragment in response.text
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("topology", ["inprocess", "split"])
 def test_concurrent_requests_batch_without_errors(sasrec, topology, request):
     server = request.getfixturevalue("sasrec_server" if topology == "inprocess" else "sasrec_split_server")

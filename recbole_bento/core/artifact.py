@@ -11,8 +11,17 @@ Layout of an artifact directory (one BentoML model)::
     dataset_tensors.pt   only for models whose constructor reads more than counts (the ModelSpec
                          says what): item-feature columns, preloaded KG embedding rows; tensors
                          only, loads with torch.load(weights_only=True)
+    item_table.npy       the model's item table (``ModelSpec.item_table``'s weight), float32, taken
+                         out of weights.pt; absent in models stored before it existed, and for
+                         models without an item table
+    item_unit.npy        its first n_items rows scaled to unit length (/similar_items, explanations)
 
-Nothing in it grows with the number of interactions.
+Nothing in it grows with the number of interactions. What grows with the catalogue is mapped, not
+read: weights.pt through ``torch.load(mmap=True)`` and the two tables as read-only NumPy memmaps,
+assigned to the model as they are (``engine.build_model``), so every worker process of a server
+reads the same physical pages (the page cache) instead of holding a copy each. A model stored
+before the tables existed still loads (its item table maps from weights.pt, its unit table is
+computed at start-up).
 """
 
 from __future__ import annotations
@@ -20,12 +29,16 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .models import ModelSpec, spec_for
 
@@ -36,6 +49,10 @@ ITEM_TOKENS = "item_tokens.json"
 USER_TOKENS = "user_tokens.json"
 POPULARITY = "item_popularity.npy"
 DATASET_TENSORS = "dataset_tensors.pt"
+ITEM_TABLE = "item_table.npy"
+ITEM_UNIT = "item_unit.npy"
+MAPPED_TABLES = (ITEM_TABLE, ITEM_UNIT)
+_ROWS_PER_STEP = 1 << 20  # the unit table is written this many rows at a time (10M x 64 is 2.6 GB)
 _ITEM_FEATURE = "item_feature."
 _PRELOAD = "preload_weight."
 
@@ -291,7 +308,18 @@ def write_files(
     popularity: np.ndarray,
     extra: dict[str, torch.Tensor],
 ) -> None:
-    """The artifact's files from what they hold (``write_artifact``; bench/gpu.py's synthetic models)."""
+    """The artifact's files from what they hold (``write_artifact``; bench/gpu.py's synthetic models).
+    The item table goes to its own mapped files (``write_item_table``) where the model has one."""
+    key = table_key(spec)
+    table = state.get(key) if key is not None else None
+    if (
+        table is not None
+        and table.dim() == 2
+        and table.dtype == torch.float32
+        and len(table) >= len(item_tokens)
+    ):
+        state = {k: v for k, v in state.items() if k != key}
+        write_item_table(directory, table, len(item_tokens))
     torch.save(state, directory / WEIGHTS)
     (directory / CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True))
     (directory / DATASET).write_text(json.dumps(info, indent=1, sort_keys=True))
@@ -301,6 +329,32 @@ def write_files(
     np.save(directory / POPULARITY, popularity, allow_pickle=False)
     if extra:
         torch.save(extra, directory / DATASET_TENSORS)
+
+
+def table_key(spec: ModelSpec) -> str | None:
+    """The state_dict key of the model's item table, None where the spec names none."""
+    return f"{spec.item_table}.weight" if spec.item_table else None
+
+
+def unit_rows(table: torch.Tensor) -> torch.Tensor:
+    """*table*'s rows scaled to unit length (an all-zero row, the padding item's, stays zero):
+    cosine between items is then a dot product."""
+    return F.normalize(table.float(), dim=1)
+
+
+def write_item_table(directory: Path, table: torch.Tensor, n_items: int) -> None:
+    """``item_table.npy`` (the whole table) and ``item_unit.npy`` (``unit_rows`` of its first
+    *n_items* rows), as plain C-ordered float32 .npy files."""
+    table = table.detach().cpu().contiguous()
+    np.save(directory / ITEM_TABLE, table.numpy(), allow_pickle=False)
+    unit = np.lib.format.open_memmap(
+        directory / ITEM_UNIT, mode="w+", dtype=np.float32, shape=(n_items, table.shape[1])
+    )
+    for start in range(0, n_items, _ROWS_PER_STEP):
+        end = min(start + _ROWS_PER_STEP, n_items)
+        unit[start:end] = unit_rows(table[start:end]).numpy()
+    unit.flush()
+    del unit
 
 
 def file_digests(directory: Path) -> dict[str, str]:
@@ -327,6 +381,8 @@ class Artifact:
     user_tokens: list[str] | None
     popularity: np.ndarray
     state_dict: dict[str, torch.Tensor]
+    # item_unit.npy mapped, [n_items, H]; None for models stored without it (computed at start-up)
+    unit: torch.Tensor | None = None
 
     @property
     def model_name(self) -> str:
@@ -350,6 +406,9 @@ def verify_digests(directory: Path, expected: dict[str, str]) -> None:
     if not expected:
         raise ArtifactError("the model metadata records no file digests; re-import the model")
     actual = file_digests(directory)
+    for name in MAPPED_TABLES:  # a table the loader would map must be one the import recorded
+        if os.path.lexists(Path(directory) / name) and name not in expected:
+            raise ArtifactError(f"integrity check failed: stored file {name} was not recorded at import")
     for name, digest in sorted(expected.items()):
         if name not in actual:
             raise ArtifactError(f"integrity check failed: stored file {name} is missing")
@@ -377,11 +436,16 @@ def load_artifact(
         raise ArtifactError(f"cannot read the stored model in {directory}: {exc}") from exc
     config = ServingConfig({k: _decode(v) for k, v in raw_config.items()})
     spec = spec_for(config["model"])
-    state = (
-        torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True, mmap=True)
-        if load_weights
-        else {}
-    )
+    state = _mapped_weights(directory / WEIGHTS) if load_weights else {}
+    unit = None
+    if load_weights and os.path.lexists(directory / ITEM_TABLE):
+        key = table_key(spec)
+        if key is None:
+            raise ArtifactError(f"stored file {ITEM_TABLE}: {spec.name} has no item table")
+        if key in state:
+            raise ArtifactError(f"stored file {ITEM_TABLE}: {WEIGHTS} holds {key} too")
+        state[key] = map_table(directory / ITEM_TABLE)
+        unit = map_table(directory / ITEM_UNIT, rows=len(item_tokens), cols=state[key].shape[1])
     tensors = None
     if load_weights and (spec.item_feature_keys or spec.preload_weights):
         if not (directory / DATASET_TENSORS).is_file():
@@ -396,4 +460,69 @@ def load_artifact(
         user_tokens=user_tokens,
         popularity=popularity,
         state_dict=state,
+        unit=unit,
     )
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of *path*, which must be a regular file and not a link (a stored
+    model's files are its own, never pointers elsewhere)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        kind = "a link" if os.path.islink(path) else exc.strerror
+        raise ArtifactError(f"stored file {path.name} cannot be opened ({kind})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ArtifactError(f"stored file {path.name} is not a regular file")
+    return fd
+
+
+def _mapped_weights(path: Path) -> dict[str, torch.Tensor]:
+    """weights.pt, its tensors mapped from the file (copy-on-write: a write stays in the process
+    that made it; the engine never writes them)."""
+    os.close(_open_regular(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises several kinds for a file that is not a tensors-only zip
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ArtifactError(f"stored file {path.name} cannot be read as tensors ({reason})") from None
+
+
+def map_table(path: Path, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+    """A stored .npy table mapped read-only (PROT_READ: a write faults instead of changing what
+    the other workers read), as a tensor sharing the mapping. Refused with ArtifactError unless it
+    is a regular file holding exactly a C-ordered 2-D little-endian float32 array of the size its
+    header says (*rows*, *cols* where given)."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"format version {version}")
+        except ValueError as exc:
+            raise ArtifactError(f"stored file {path.name} is not a NumPy table ({exc})") from None
+        if dtype != np.dtype("<f4") or fortran or len(shape) != 2 or 0 in shape:
+            order = "Fortran-ordered " if fortran else ""
+            raise ArtifactError(
+                f"stored file {path.name} holds a {order}{dtype} array of shape {shape}, "
+                "not a 2-D float32 table"
+            )
+        if (rows is not None and shape[0] != rows) or (cols is not None and shape[1] != cols):
+            raise ArtifactError(
+                f"stored file {path.name} has shape {shape}, the model needs ({rows}, {cols})"
+            )
+        offset = f.tell()
+        if size != offset + 4 * shape[0] * shape[1]:
+            raise ArtifactError(
+                f"stored file {path.name} is {size} bytes, its header says {offset + 4 * shape[0] * shape[1]}"
+            )
+        array = np.memmap(f, dtype=np.float32, mode="r", offset=offset, shape=shape)
+    with warnings.catch_warnings():  # torch warns that the array is not writable: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)

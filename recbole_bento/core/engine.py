@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
-from .artifact import Artifact, ArtifactError, ServingConfig
+from .artifact import Artifact, ArtifactError, ServingConfig, unit_rows
 from .attributes import ItemAttributes
 from .blockwise import BlockTopK, ChunkedTopK, rescore, same_topk
 from .index import RetrievalIndex, RetrievalIndexError
@@ -64,7 +64,10 @@ def pad_histories(histories: Sequence[Sequence[int]], width: int) -> tuple[torch
 
 
 def build_model(artifact: Artifact, device: torch.device) -> torch.nn.Module:
-    """Instantiate the RecBole model class from the stored config and load its weights."""
+    """Instantiate the RecBole model class from the stored config and load its weights. The
+    stored tensors become the parameters as they are (``assign``), not copied into the ones the
+    constructor made: on a CPU the model reads the mapped files, one physical copy for every worker
+    process (artifact.py); ``to(device)`` copies them to an accelerator."""
     config = ServingConfig(artifact.spec.serving_config(artifact.config))  # + the spec's build-time values
     config["device"] = device
     model = artifact.spec.model_class()(config, artifact.dataset)
@@ -75,7 +78,7 @@ def build_model(artifact: Artifact, device: torch.device) -> torch.nn.Module:
         if k.startswith(_OTHER_PREFIX)
     }
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:
         raise ArtifactError(f"the weights do not fit {artifact.model_name}: {exc}") from exc
     model.load_other_parameter(other or None)
@@ -106,7 +109,7 @@ class Engine:
         # large catalogues, dot-product models: exact top-k without the B x N matrix
         self.block = block_ranker(self, block_items)
         # the item table with unit rows (None: the model has none): cosine = dot product
-        self.unit = unit_table(self.model, artifact.spec.item_table, self.n_items)
+        self.unit = unit_table(self.model, artifact.spec.item_table, self.n_items, artifact.unit)
         # ... ranked by a block top-k of its own where the model's would be (same conditions)
         self.similar_block = None
         if self.unit is not None and 0 < 4 * block_items <= self.n_items:
@@ -277,13 +280,18 @@ class BlockRanker:
         return self.scorer.topk(self.query(interaction), queries, k, force, compile_filter)
 
 
-def unit_table(model: torch.nn.Module, name: str | None, n_items: int) -> torch.Tensor | None:
+def unit_table(
+    model: torch.nn.Module, name: str | None, n_items: int, stored: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The first *n_items* rows of ``model.<name>.weight`` (``ModelSpec.item_table``), each scaled
-    to unit length (the padding row, all zeros, stays zero); None when the spec names no table."""
+    to unit length (``artifact.unit_rows``); None when the spec names no table. *stored*: the same,
+    as the import stored it (``Artifact.unit``, mapped), used instead of a copy of one's own."""
     weight = getattr(getattr(model, name, None), "weight", None) if name else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < n_items:
         return None
-    return F.normalize(weight.detach()[:n_items].float(), dim=1).contiguous()
+    if stored is not None:
+        return stored.to(weight.device)
+    return unit_rows(weight.detach()[:n_items]).contiguous()
 
 
 def query_fn(model: torch.nn.Module, spec: ModelSpec) -> Callable[[Any], torch.Tensor] | None:
