@@ -327,7 +327,7 @@ def check_index_options(kind: str | None, min_recall: float) -> None:
 def no_index_reason(model: str) -> str:
     return (
         f"--index: {model} does not score by a dot product with its item table, so a retrieval "
-        "index cannot find its top items; import it without --index (see the README's model table)"
+        "index cannot find its top items: import it without --index"
     )
 
 

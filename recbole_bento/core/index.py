@@ -263,13 +263,18 @@ def exact_top(table: torch.Tensor, q: torch.Tensor, k: int = RECALL_K) -> torch.
 
 def served_top(index: RetrievalIndex, table: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
     """[Q, k] item ids the engine would serve for unfiltered queries *q*: the index's candidates
-    re-ranked exactly (``blockwise.rescore``, the engine's re-ranking)."""
+    re-ranked exactly (``blockwise.rescore``, the engine's re-ranking), in batches of 64 queries
+    (the service's largest by default)."""
     width = max(index.params.candidates, 4 * k)
-    ids = torch.from_numpy(index.search(q.numpy(), width, [None] * q.shape[0]))
-    mask = BatchMask([RankQuery([], k)] * q.shape[0], table.shape[0])
-    result = rescore(q, table, ids, mask, k)
-    assert result is not None  # no union limit was given
-    return result[1]
+    out = []
+    for start in range(0, q.shape[0], 64):
+        part = q[start : start + 64]
+        ids = torch.from_numpy(index.search(part.numpy(), width, [None] * part.shape[0]))
+        mask = BatchMask([RankQuery([], k)] * part.shape[0], table.shape[0])
+        result = rescore(part, table, ids, mask, k)
+        assert result is not None  # no union limit was given
+        out.append(result[1])
+    return torch.cat(out)
 
 
 def recall(served: torch.Tensor, exact: torch.Tensor) -> float:
