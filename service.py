@@ -151,7 +151,7 @@ def session_history(window: Callable[[], int]) -> SessionHistory:
     )
     if bentoml.server_context.worker_index in (None, 1):
         logger.info("session histories in %s", store.name)
-    return SessionHistory(store, window, SETTINGS.max_event_items)
+    return SessionHistory(store, window)
 
 
 @bentoml.service(

@@ -38,7 +38,7 @@ class Settings:
     session_max: int = 1_000_000  # sessions kept, the least recently active evicted first; 0 = no limit
     session_timeout_ms: int = 200  # a Redis call not answered within this -> 503 naming the store
     max_session_id_bytes: int = 256  # a longer session id -> 400
-    max_event_items: int = 1000  # items one event (or a sequence sent with session_id) may carry
+    max_event_items: int = 1000  # items in one POST /events body; more -> 400
     fast_path: int = 1  # 0 = the JSON endpoints through BentoML's API dispatch (edge/fast_path.py)
     access_log: int = 0  # 1 = BentoML's access log (one INFO line per request) on both services
     json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)

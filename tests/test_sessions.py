@@ -24,8 +24,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ROOT, free_port, serving
+from pydantic import ValidationError
 
-from recbole_bento.core.planner import RequestError
 from recbole_bento.core.sessions import (
     Limits,
     RedisStore,
@@ -34,6 +34,7 @@ from recbole_bento.core.sessions import (
     SQLiteStore,
     StoreError,
     StoreUnavailable,
+    check_session_id,
     open_store,
     store_address,
 )
@@ -158,6 +159,23 @@ def test_the_least_recently_active_session_is_evicted_first(make_store):
         await store.close()
 
     run(body())
+
+
+@pytest.mark.parametrize("value", ["", "a b", "a\n", "\na", "é", "a\x00", "x" * 257, "tab\t"])
+def test_what_is_not_a_session_id(value):
+    with pytest.raises(ValueError, match="a session id is"):
+        check_session_id(value, 256)
+    with pytest.raises(ValidationError, match="session_id"):
+        RecommendRequest.model_validate({"session_id": value})
+
+
+@pytest.mark.parametrize("value", ["a", "x" * 256, "3f2a-9c/17:~!", "{uuid}"])
+def test_what_is_a_session_id(value):
+    assert (
+        check_session_id(value, 256)
+        == value
+        == RecommendRequest.model_validate({"session_id": value}).session_id
+    )
 
 
 def test_sqlite_expiry_follows_its_clock_and_purges(tmp_path):
@@ -462,7 +480,7 @@ def test_resolve_appends_the_sent_sequence_then_reads_the_stored_history(tmp_pat
 
     async def body() -> None:
         store = SQLiteStore(tmp_path / "s.sqlite3", ttl_s=60, max_sessions=0, limits=LIMITS)
-        history = SessionHistory(store, lambda: windows[0], max_event_items=4)
+        history = SessionHistory(store, lambda: windows[0])
         assert (await history.record("s", [1, "2"], 7)) == Session(["1", "2"], "7")
         plain = RecommendRequest(sequence=["9"])
         by_session = RecommendRequest.model_validate({"session_id": "s"})
@@ -475,11 +493,9 @@ def test_resolve_appends_the_sent_sequence_then_reads_the_stored_history(tmp_pat
         assert (out[3].sequence, out[3].user_id) == (["2", "3", "4"], 8)
         windows[0] = 5  # the served models' window, asked at each append
         assert (await history.record("s", ["5"], None)).items == ["2", "3", "4", "5"]
-        # Too many events with one request: refused before anything of the batch is recorded.
-        too_many = RecommendRequest(session_id="t", sequence=list(range(5)))
-        with pytest.raises(RequestError, match="at most 4 items"):
-            await history.resolve([RecommendRequest(session_id="t", sequence=["a"]), too_many])
-        assert await store.get("t") is None
+        # A sequence longer than the window: its last window's worth is what stays.
+        (long,) = await history.resolve([RecommendRequest(session_id="t", sequence=list(range(9)))])
+        assert long.sequence == ["4", "5", "6", "7", "8"] and await store.get("t") == Session(long.sequence)
         await store.close()
 
     run(body())
@@ -507,7 +523,7 @@ def test_sessions_app_gets_deletes_and_refuses_in_json(tmp_path, redis_url):
         status, answer, headers = await call(app, "GET", "/sessions/s")
         assert (status, headers["retry-after"]) == (503, "2") and "starting" in answer["error"]
         store = SQLiteStore(tmp_path / "s.sqlite3", ttl_s=60, max_sessions=0, limits=LIMITS)
-        app.serve(SessionHistory(store, lambda: 10, 10))
+        app.serve(SessionHistory(store, lambda: 10))
         await store.append("s/1", ["a", "b"], "u", 10)
         assert await call(app, "GET", "/sessions/s/1") == (
             200,
@@ -532,7 +548,7 @@ def test_sessions_app_gets_deletes_and_refuses_in_json(tmp_path, redis_url):
         await store.close()
         with silent_server() as port:
             down = RedisStore(f"redis://127.0.0.1:{port}/0", ttl_s=60, max_sessions=0, timeout_s=0.2)
-            app.serve(SessionHistory(down, lambda: 10, 10))
+            app.serve(SessionHistory(down, lambda: 10))
             status, answer, headers = await call(app, "DELETE", "/sessions/s")
             assert (status, headers["retry-after"]) == (503, "2")
             assert answer["error"].startswith(f"the session store redis://127.0.0.1:{port}/0 is unavailable")
@@ -648,7 +664,11 @@ def check_the_contract(url: str, items: list[str]) -> None:
         ({"session_id": "s", "items": ["1"], "extra": 1}, "extra"),
     ]:
         assert_refused(post("/events", body), 400, fragment)
-    assert_refused(post("/recommend", {"session_id": "s", "sequence": ["1"] * 21}), 400, "at most 20 items")
+    long = post("/recommend", {"session_id": "long", "sequence": items[: window + 5]})
+    assert (
+        long.status_code == 200
+        and post("/events", {"session_id": "long", "items": ["x"]}).json()["length"] == window
+    )
     assert_refused(post("/recommend", {"session_id": None}), 400, "sequence: Field required")
     assert_refused(httpx.get(f"{url}/sessions/{'x' * 257}", timeout=30), 400, "a session id is")
     assert_refused(httpx.post(f"{url}/sessions/s", timeout=30), 405, "use GET or DELETE")

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ..core.planner import ExternalId, RequestError
+from ..core.planner import ExternalId
 from ..core.sessions import SESSION_ID_PATTERN, Session, SessionStore, StoreUnavailable, check_session_id
 from .guard import Receive, Scope, Send
 
@@ -23,32 +23,25 @@ def _user(user_id: ExternalId | None) -> str | None:
 
 
 class SessionHistory:
-    """A store, the window to keep (the largest ``max_history_length`` of the served models,
-    asked at each append) and the cap on the items one event may carry."""
+    """A store and the window to keep: the largest ``max_history_length`` of the served models,
+    asked at each append."""
 
-    def __init__(self, store: SessionStore, window: Callable[[], int], max_event_items: int) -> None:
+    def __init__(self, store: SessionStore, window: Callable[[], int]) -> None:
         self.store = store
         self.window = window
-        self.max_event_items = max_event_items
 
     async def record(
         self, session_id: str, items: Sequence[ExternalId], user_id: ExternalId | None
     ) -> Session:
-        """Append *items* to the session: the session as stored afterwards. StoreUnavailable: a 503."""
-        return await self.store.append(session_id, [str(x) for x in items], _user(user_id), self.window())
+        """Append *items* to the session: the session as stored afterwards. StoreUnavailable: a 503.
+        Of a long *items* only the last window's worth is sent: the rest would be trimmed anyway."""
+        keep = self.window()
+        return await self.store.append(session_id, [str(x) for x in items[-keep:]], _user(user_id), keep)
 
     async def resolve(self, requests: Sequence[R]) -> list[R]:
         """*requests* as the planner takes them: one with a ``session_id`` gets the stored history
         as its ``sequence``, after its own ``sequence`` is recorded (most recent last), and the stored
-        user id unless it sends one. The others are returned as they are. Every request is checked
-        before any is recorded, so a refused batch records nothing."""
-        for request in requests:
-            sent = getattr(request, "sequence", [])
-            if getattr(request, "session_id", None) is not None and len(sent) > self.max_event_items:
-                raise RequestError(
-                    f"with session_id, a sequence is recorded as events: at most {self.max_event_items} "
-                    f"items (RECBOLE_BENTO_MAX_EVENT_ITEMS), got {len(sent)}"
-                )
+        user id unless it sends one. The others are returned as they are."""
         out = []
         for request in requests:
             session_id: str | None = getattr(request, "session_id", None)
