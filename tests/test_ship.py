@@ -260,6 +260,8 @@ def test_exported_bento_serves_the_same_topk_outside_the_repo(cpu_bento, sasrec_
         info = httpx.post(f"{url}/model_info", json={}, timeout=60).json()
         assert info["tag"] == sasrec_tag
         from_image = answers(url, bodies)
+        page = httpx.get(f"{url}/playground/playground.js", timeout=30)  # the page's files ship too
+        assert page.status_code == 200 and "textContent" in page.text
     assert_same(from_image, answers(sasrec_server, bodies))
 
     # RECBOLE_BENTO_JSON_LOGS=1 from the image: every process logs one JSON object per line.
