@@ -239,36 +239,17 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     report: dict = {"env": env, "catalogues": []}
     ok = True
+    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
     with tempfile.TemporaryDirectory(prefix="recbole-bento-gpu-", dir=args.work) as work:
         for n_items in (int(n) for n in args.items.split(",")):
-            t0 = time.perf_counter()
-            directory = synthetic_model(n_items, Path(work) / f"synth-{n_items}")
-            made_s = time.perf_counter() - t0
-            cpu = Engine(load_artifact(directory), device="cpu")
-            entry: dict = {"items": n_items, "make_s": round(made_s, 1), "cpu_path": scorer_name(cpu)}
-            rows = throughput(cpu, batches, args.topk, args.budget, plain=False)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                gpu = Engine(load_artifact(directory), device="cuda")
-            else:  # the CUDA half's code, run on the CPU with the scorer CUDA gets
-                gpu = chunked_stand_in(Engine(load_artifact(directory), device="cpu"))
-            entry["cuda_path"] = scorer_name(gpu)
-            entry["parity"] = check_parity(cpu, gpu, parity_queries(cpu, 64, n_items), args.rtol)
+            entry = catalogue(n_items, Path(work), cuda, batches, args, lambda text: say(started, text))
             ok &= entry["parity"]["ok"]
-            rows += throughput(
-                gpu, batches, args.topk, args.budget, plain=True, label=None if cuda else STAND_IN
-            )
-            if cuda:
-                entry["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-                del gpu
-                torch.cuda.empty_cache()
-            entry["throughput"] = rows
             report["catalogues"].append(entry)
             print(json.dumps(entry), flush=True)
-            del cpu
+            if target is not None:  # after each catalogue: what was measured survives a cut-off
+                target.write_text(json.dumps(report, indent=1))
     report["total_s"] = round(time.perf_counter() - started, 1)
     print(table(report), flush=True)
-    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
     if target is not None:
         target.write_text(json.dumps(report, indent=1))
         print(f"wrote {target}", flush=True)
@@ -277,15 +258,55 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def say(started: float, text: str) -> None:
+    print(f"[{time.perf_counter() - started:6.1f} s] {text}", flush=True)
+
+
+def catalogue(
+    n_items: int,
+    work: Path,
+    cuda: bool,
+    batches: list[int],
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> dict:
+    """One catalogue size: make the model, load it on both sides, parity, then throughput."""
+    log(f"{n_items:,} items: making the stored model")
+    t0 = time.perf_counter()
+    directory = synthetic_model(n_items, work / f"synth-{n_items}")
+    entry: dict = {"items": n_items, "make_s": round(time.perf_counter() - t0, 1)}
+    log("loading it on the CPU")
+    cpu = Engine(load_artifact(directory), device="cpu")
+    log("loading it on CUDA" if cuda else f"loading it again as '{STAND_IN}'")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        gpu = Engine(load_artifact(directory), device="cuda")
+    else:  # the CUDA half's code, run on the CPU with the scorer CUDA gets
+        gpu = chunked_stand_in(Engine(load_artifact(directory), device="cpu"))
+    entry.update(cpu_path=scorer_name(cpu), cuda_path=scorer_name(gpu))
+    log("parity")
+    entry["parity"] = check_parity(cpu, gpu, parity_queries(cpu, 64, n_items), args.rtol)
+    log(f"parity {'OK' if entry['parity']['ok'] else 'FAILED'}; throughput on the CPU")
+    rows = throughput(cpu, batches, args.topk, args.budget, plain=False)
+    log("throughput on CUDA" if cuda else f"throughput as '{STAND_IN}'")
+    rows += throughput(gpu, batches, args.topk, args.budget, plain=True, label=None if cuda else STAND_IN)
+    entry["throughput"] = rows
+    if cuda:
+        entry["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        del gpu
+        torch.cuda.empty_cache()
+    return entry
+
+
 def table(report: dict) -> str:
     """The throughput rows as a markdown table, parity per catalogue under it."""
     lines = ["| items | device | path | batch | seq/s | ms/batch |", "|---:|---|---|---:|---:|---:|"]
     notes = []
     for entry in report["catalogues"]:
         for row in entry["throughput"]:
-            path = row["path"]
-            if path == "engine":
-                path = entry["cpu_path"] if row["device"] == "cpu" else entry["cuda_path"]
+            path = "full_sort_predict + topk"
+            if row["path"] == "engine":
+                path = f"Engine.rank ({entry['cpu_path'] if row['device'] == 'cpu' else entry['cuda_path']})"
             lines.append(
                 f"| {entry['items']:,} | {row['device']} | {path} | {row['batch']} | {row['seq_s']:,.1f} "
                 f"| {row['ms_per_batch']} |"
