@@ -75,11 +75,16 @@ SessionId = Annotated[
 
 
 def _sequence_or_session(schema: dict[str, Any]) -> None:
-    """The published schema of a body that needs ``sequence`` unless it names a ``session_id``."""
+    """The published schema of a body that needs ``sequence`` unless it names a ``session_id``.
+    ``oneOf`` with exclusive branches, not ``anyOf``: BentoML's /docs.json keeps only the first
+    branch of a top-level anyOf (which would make ``sequence`` required again)."""
     schema["required"] = [name for name in schema.get("required", []) if name != "sequence"]
     if not schema["required"]:
         del schema["required"]
-    schema["anyOf"] = [{"required": ["sequence"]}, {"required": ["session_id"]}]
+    schema["oneOf"] = [
+        {"required": ["sequence"]},
+        {"required": ["session_id"], "not": {"required": ["sequence"]}},
+    ]
 
 
 class RecommendRequest(BaseModel):

@@ -614,6 +614,8 @@ def check_the_contract(url: str, items: list[str]) -> None:
     window = httpx.post(f"{url}/model_info", json={}, timeout=30).json()["max_history_length"]
     documented = httpx.get(f"{url}/docs.json", timeout=30).json()["paths"]
     assert set(documented["/sessions/{session_id}"]) == {"get", "delete"} and "post" in documented["/events"]
+    body = documented["/recommend"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "sequence" not in body.get("required", []) and len(body["oneOf"]) == 2  # sequence or session_id
 
     def post(path: str, body: object) -> httpx.Response:
         return httpx.post(f"{url}{path}", json=body, timeout=30)  # a new connection: either worker
