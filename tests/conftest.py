@@ -33,7 +33,7 @@ _trained: dict[tuple, Trained] = {}
 # test that needs a trained model is slow, one that needs a running server is a server test. Tests
 # that start a server of their own (``serving``) carry ``@pytest.mark.server`` themselves.
 SLOW_FIXTURES = {"train_tiny"}
-SERVER_FIXTURES = {"sasrec_server", "sasrec_split_server"}
+SERVER_FIXTURES = {"sasrec_server", "sasrec_split_server", "layout_server", "gru4rec_split_server"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -109,10 +109,20 @@ def serving(tag: str, cwd: Path = ROOT, ready_timeout: float = 120, **env: str) 
     log = home / "serve.log"
     try:
         with local_server(tag, cwd=cwd, env=env, ready_timeout=ready_timeout, log_path=log) as url:
+            _LOGS[url] = log
             yield url
     finally:
         serving.last_log = log.read_text() if log.exists() else ""  # type: ignore[attr-defined]
+        _LOGS.pop(locals().get("url", ""), None)
         shutil.rmtree(home, ignore_errors=True)
+
+
+_LOGS: dict[str, Path] = {}  # the log of each server ``serving`` runs, by its URL
+
+
+def server_log(url: str) -> str:
+    """What the server at *url* (started by ``serving``, still running) has logged so far."""
+    return _LOGS[url].read_text()
 
 
 @pytest.fixture(scope="session")
@@ -121,8 +131,19 @@ def sasrec(train_tiny) -> Trained:
 
 
 @pytest.fixture(scope="session")
-def sasrec_tag(sasrec: Trained) -> str:
-    return import_ok(sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--name", "sasrec-tiny")
+def sasrec_import(sasrec: Trained) -> subprocess.CompletedProcess[str]:
+    """The session's import of SASRec through the real CLI, under its default name, with a label
+    and --progress: the tests of what the CLI prints and stores read this one import."""
+    result = run_import(
+        sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--label", "team=recs", "--progress"
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="session")
+def sasrec_tag(sasrec_import: subprocess.CompletedProcess[str]) -> str:
+    return sasrec_import.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")
@@ -137,6 +158,30 @@ def sasrec_split_server(sasrec_tag: str) -> Iterator[str]:
     """The same model behind the two-service topology (public service -> Ranker)."""
     with serving(sasrec_tag, RECBOLE_BENTO_TOPOLOGY="split") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def gru4rec(train_tiny) -> Trained:
+    """A second dot-product model, with another window than SASRec's (10)."""
+    return train_tiny("GRU4Rec", MAX_ITEM_LIST_LENGTH=10)
+
+
+@pytest.fixture(scope="session")
+def gru4rec_tag(gru4rec: Trained) -> str:
+    return import_ok(gru4rec.checkpoint, "--dataset-pickle", gru4rec.dataset_pickle, "--name", "gru4rec-w10")
+
+
+@pytest.fixture(scope="session")
+def gru4rec_split_server(gru4rec_tag: str) -> Iterator[str]:
+    """GRU4Rec behind the two-service topology: parity and similar items through the Ranker."""
+    with serving(gru4rec_tag, RECBOLE_BENTO_TOPOLOGY="split") as url:
+        yield url
+
+
+@pytest.fixture(scope="session", params=["inprocess", "split"])
+def layout_server(request: pytest.FixtureRequest, sasrec_tag: str) -> str:
+    """The same model in each layout (``RECBOLE_BENTO_TOPOLOGY``), for what must hold in both."""
+    return request.getfixturevalue("sasrec_server" if request.param == "inprocess" else "sasrec_split_server")
 
 
 def recbole_reference(trained: Trained, k: int = 10, max_users: int = 40) -> list[dict]:

@@ -205,14 +205,12 @@ def test_large_topk_goes_to_the_plain_path() -> None:
 
 
 @pytest.fixture(scope="module", params=["SASRec", "GRU4Rec"])
-def trained_engine(request, train_tiny, workdir):
-    """An Engine on a trained model with blocks small enough that the block path serves it."""
-    from conftest import import_ok
-
+def trained_engine(request, sasrec_tag: str, gru4rec_tag: str):
+    """An Engine on a trained model (the session's imports) with blocks small enough that the block
+    path serves it."""
     from recbole_bento.core import store
 
-    trained = train_tiny(request.param)
-    tag = import_ok(trained.checkpoint, "--dataset-pickle", trained.dataset_pickle)
+    tag = {"SASRec": sasrec_tag, "GRU4Rec": gru4rec_tag}[request.param]
     engine = Engine(store.load(store.resolve(tag)), device="cpu", block_items=32)
     assert engine.block is not None, "the block path should serve this model"
     return engine

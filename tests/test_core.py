@@ -97,10 +97,8 @@ def test_config_json_round_trips_recbole_config(sasrec):
     assert "device" not in encoded
 
 
-def test_default_name_and_tag_printed_last(sasrec):
-    result = run_import(sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--label", "team=recs")
-    assert result.returncode == 0, result.stderr
-    tag = result.stdout.strip().splitlines()[-1]
+def test_default_name_and_tag_printed_last(sasrec_import):
+    tag = sasrec_import.stdout.strip().splitlines()[-1]  # imported with --label team=recs, no --name
     assert re.fullmatch(r"sasrec-ml-100k:[a-z0-9]+", tag)
     assert bentoml.models.get(tag).info.labels == {"team": "recs"}
 
@@ -136,8 +134,8 @@ def test_import_refuses_non_checkpoint(sasrec, tmp_path):
     assert "not a RecBole checkpoint" in _refused(plain, "--dataset-pickle", sasrec.dataset_pickle)
 
 
-def test_import_refuses_mismatched_dataset(sasrec, train_tiny, workdir):
-    other = train_tiny("GRU4Rec", MAX_ITEM_LIST_LENGTH=10)
+def test_import_refuses_mismatched_dataset(sasrec, gru4rec, workdir):
+    other = gru4rec
     # same dataset name but fewer items than the checkpoint's embedding table
     small = workdir / "small" / "ml-100k"
     small.mkdir(parents=True)
@@ -262,12 +260,9 @@ def test_parity_sasrec_over_http(sasrec, sasrec_server):
     _check_parity(sasrec, sasrec_server)
 
 
-@pytest.mark.server
-def test_parity_gru4rec_over_http(train_tiny):
-    gru = train_tiny("GRU4Rec", MAX_ITEM_LIST_LENGTH=10)
-    tag = import_ok(gru.checkpoint, "--dataset-pickle", gru.dataset_pickle)
-    with serving(tag) as url:
-        _check_parity(gru, url)
+def test_parity_gru4rec_over_http_split(gru4rec, gru4rec_split_server):
+    """Another model, in the other layout: through the public service and the Ranker."""
+    _check_parity(gru4rec, gru4rec_split_server)
 
 
 def _check_parity(trained, url: str) -> None:

@@ -268,9 +268,8 @@ def test_dataset_pickled_after_data_preparation_serves_the_same(sasrec, sasrec_t
     assert answers[0] == answers[1]
 
 
-def test_progress_and_summary(sasrec):
-    result = run_import(sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--progress")
-    assert result.returncode == 0, result.stderr
+def test_progress_and_summary(sasrec, sasrec_import):
+    result = sasrec_import  # the session's import, with --progress
     for step in (
         "reading the checkpoint",
         "reading the dataset pickle",

@@ -33,6 +33,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("topology", ["inprocess", "split"])
 def test_domain_metrics_move_with_requests(topology, sasrec_tag, request):
     url = request.getfixturevalue("sasrec_server" if topology == "inprocess" else "sasrec_split_server")

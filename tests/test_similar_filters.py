@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_topk, import_ok, recbole_reference, run_import, scrape, serving
+from conftest import assert_same_topk, import_ok, recbole_reference, run_import, scrape, server_log, serving
 
 from devtools.training import QUIET_CPU
 from recbole_bento.core import attributes
@@ -367,15 +367,11 @@ def test_similar_items_match_numpy_cosine_sasrec(shop):
     _check_similar(shop.url, shop.table, shop.tokens)
 
 
-@pytest.mark.server
-def test_similar_items_match_numpy_cosine_gru4rec_split(train_tiny):
+def test_similar_items_match_numpy_cosine_gru4rec_split(gru4rec_tag, gru4rec_split_server):
     """Split topology (SASRec's server runs in-process, the default here): similar-items queries
     travel to the Ranker service and back."""
-    gru = train_tiny("GRU4Rec", MAX_ITEM_LIST_LENGTH=10)
-    tag = import_ok(gru.checkpoint, "--dataset-pickle", gru.dataset_pickle)
-    with serving(tag, RECBOLE_BENTO_TOPOLOGY="split") as url:
-        _check_similar(url, _unit_table(tag), _tokens(tag))
-    assert "topology split" in serving.last_log  # type: ignore[attr-defined]
+    _check_similar(gru4rec_split_server, _unit_table(gru4rec_tag), _tokens(gru4rec_tag))
+    assert "topology split" in server_log(gru4rec_split_server)
 
 
 @pytest.mark.server
