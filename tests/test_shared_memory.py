@@ -38,15 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=["SASRec", "GRU4Rec"])
-def stored(request, train_tiny, sasrec_tag) -> Path:
-    """The directory of a model as import_model.py stores it now (mapped tables)."""
-    from conftest import import_ok
-
-    if request.param == "SASRec":
-        tag = sasrec_tag
-    else:
-        trained = train_tiny(request.param)
-        tag = import_ok(trained.checkpoint, "--dataset-pickle", trained.dataset_pickle)
+def stored(request, sasrec_tag, gru4rec_tag) -> Path:
+    """The directory of a model as import_model.py stores it now (mapped tables): the session's."""
+    tag = sasrec_tag if request.param == "SASRec" else gru4rec_tag
     return Path(store.resolve(tag).path)
 
 
