@@ -292,7 +292,6 @@ def build(
     query_source: str,
     progress: Progress,
     max_width: int | None = None,
-    exact: torch.Tensor | None = None,
 ) -> tuple[bytes, IndexParams]:
     """Build a *kind* index over *table* ([n_items, dim] float32, CPU) and tune its search width on
     the query vectors *q* ([Q, dim], from real histories) to the smallest whose recall@10 meets
@@ -332,8 +331,7 @@ def build(
             index.add(vectors[start : start + 65536])
             advance(min(65536, n - start))
     progress.step(f"measuring recall@{RECALL_K} against the exact top-{RECALL_K} on {q.shape[0]} queries")
-    if exact is None:
-        exact = exact_top(table, q.float())
+    exact = exact_top(table, q.float())
     params = IndexParams(
         kind=kind, n_items=n, dim=dim, candidates=CANDIDATES, nlist=nlist, nprobe=0,
         m=HNSW_M if kind == "hnsw" else 0, ef_search=0, recall_at_10=0.0, min_recall=min_recall,
