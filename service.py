@@ -21,15 +21,24 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from recbole_bento import bentoml_compat
-from recbole_bento.core import store
+from recbole_bento.core import routes as routing
 from recbole_bento.core.attributes import ItemAttributes
 from recbole_bento.core.catalogue import CatalogueError
-from recbole_bento.core.engine import Engine
-from recbole_bento.core.planner import Planner, RequestError
+from recbole_bento.core.planner import RequestError
 from recbole_bento.core.ranking import RankQuery, RankResult
 from recbole_bento.core.sessions import Limits, StoreError, open_store, store_address
-from recbole_bento.edge import fast_path, guard, lifecycle, observability, playground, startup, topology
-from recbole_bento.edge.request_path import LocalModel, ModelPort, RemoteModel, RequestPath
+from recbole_bento.edge import (
+    fast_path,
+    guard,
+    lifecycle,
+    loading,
+    observability,
+    playground,
+    startup,
+    topology,
+    variants,
+)
+from recbole_bento.edge.request_path import RemoteModel, RequestPath
 from recbole_bento.edge.sessions import SessionHistory, SessionsApp
 from recbole_bento.schemas import (
     CatalogueItem,
@@ -57,13 +66,32 @@ _ATTRIBUTES = ItemAttributes.load(
 BODIES = requests_for(_ATTRIBUTES.kinds() if _ATTRIBUTES else {})
 DEVICE = STARTED.device
 TRACING = STARTED.tracing
+_MODELS_BYTES = sum(loading.estimate(t) for t in {str(m.tag) for m in STARTED.models.values()})
+if SETTINGS.memory_budget_mb and _MODELS_BYTES > SETTINGS.memory_budget_mb * 2**20:
+    raise SystemExit(
+        f"recbole-bento: the routes' models take ~{_MODELS_BYTES / 2**20:.0f} MiB per process that holds "
+        f"them, over RECBOLE_BENTO_MEMORY_BUDGET_MB={SETTINGS.memory_budget_mb}"
+    )
 LAYOUT = topology.choose(
     SETTINGS,
     DEVICE,
     topology.available_cores(),
-    topology.model_copy_bytes(store.stored_size(STARTED.model)),
+    topology.RUNTIME_BYTES + _MODELS_BYTES,  # every model of the routes, per process that holds models
     topology.available_memory(),
 )
+# Routes changed while serving (docs/operations.md, "Model lifecycle"): the state file every
+# worker follows sits in a folder of the `bentoml serve` process (the arbiter: this process's
+# parent in a worker). There, SIGHUP re-reads RECBOLE_BENTO_ROUTES into it.
+IN_WORKER = bentoml.server_context.worker_index is not None
+ROUTES_STATE = variants.StateFile(variants.run_dir(os.getppid() if IN_WORKER else os.getpid()))
+if not IN_WORKER:
+    ROUTES_STATE.clear()  # a folder left by an earlier server whose pid this one got
+    if SETTINGS.routes and STARTED.compatible:  # circus's handler checked (bentoml_compat)
+        bentoml_compat.on_hangup(lambda: loading.reread(SETTINGS.routes or "", ROUTES_STATE))
+BATCHING = loading.Batching(
+    SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000, concurrency=LAYOUT.ranker_workers or 1
+)
+HOSTED = variants.Hosted()  # this worker's variants, once the service instance has built them
 ACCESS_LOG = {"access": {"enabled": bool(SETTINGS.access_log)}}  # off unless asked: docs/configuration.md
 # The JSON endpoints: each @bentoml.api method below and the fast path (edge/fast_path.py) answer
 # its body with the same RequestPath method.
@@ -79,17 +107,10 @@ FAST_ROUTES = fast_path.Routes(
 SESSIONS_APP = SessionsApp(SETTINGS.max_session_id_bytes, SETTINGS.retry_after_s)
 
 
-def load_engine() -> Engine:
-    """The model, in the process that ranks with it (the Ranker, or each in-process API worker)."""
+def start_models() -> None:
+    """In a process that ranks (the Ranker, or each in-process API worker)."""
     torch.set_num_threads(LAYOUT.torch_threads)
-    engine = Engine(store.load(STARTED.model, verified=True), device=DEVICE, block_items=SETTINGS.block_items)
-    logger.info("loaded %s on %s; %s", MODEL_TAG, engine.device, LAYOUT.describe())
-    return engine
-
-
-def observed(engine: Engine, queries: list[RankQuery]) -> list[RankResult]:
-    with observability.model_call(MODEL_TAG, len(queries)):
-        return engine.rank(queries)
+    logger.info("loading %s on %s; %s", ", ".join(STARTED.models), DEVICE, LAYOUT.describe())
 
 
 @bentoml.service(
@@ -110,7 +131,12 @@ class Ranker:
     stored_model = BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        self.engine = load_engine()
+        start_models()
+        named = {str(m.tag) for m in STARTED.models.values()}
+        self.models = loading.RankerModels(MODEL_TAG, named, DEVICE, SETTINGS.block_items, ROUTES_STATE)
+        for tag in sorted(named):
+            self.models.engine(tag)
+        self.models.watch()
         # On SIGTERM keep ranking until the public service has answered what it accepted.
         lifecycle.install("recbole_ranker", SETTINGS.shutdown_grace_s, outlive_callers=True)
         bentoml_compat.freeze_startup_objects()  # no 200 ms full-GC pauses under load
@@ -121,11 +147,11 @@ class Ranker:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def rank(self, queries: list[RankQuery]) -> list[RankResult]:
-        return observed(self.engine, queries)
+        return self.models.rank(queries)  # each by the model it names (RankQuery.model)
 
     @bentoml.api
     def device(self) -> str:
-        return str(self.engine.device)
+        return DEVICE
 
 
 try:  # a session store setting that names nothing usable stops the server here, in one line
@@ -176,30 +202,42 @@ class Recommender:
         self.metadata = dict(stored.info.metadata)
         self.sessions = session_history(lambda: int(self.metadata["max_history_length"]))
         SESSIONS_APP.serve(self.sessions)
-        model: ModelPort
+        warm = None
         if LAYOUT.split:
-            artifact = store.load(stored, load_weights=False, verified=True)
             ranker = self.ranker  # its endpoints exist once the worker serves: looked up per call
-            model = RemoteModel(
+            remote = RemoteModel(
                 lambda queries: ranker.to_async.rank(queries),
                 lambda: ranker.to_async.device(),
                 ranker.is_ready,
                 retry_after_s=SETTINGS.retry_after_s,
                 transport_errors=(aiohttp.ClientError, OSError),  # BentoML's proxy runs on aiohttp
             )
+            load = loading.remote(remote, SETTINGS.max_topk, BATCHING)
+            warm = loading.warm_remote
         else:
-            engine = load_engine()
-            artifact = engine.artifact
-            model = LocalModel(lambda queries: observed(engine, queries), str(engine.device))
+            start_models()
+            load = loading.in_process(DEVICE, SETTINGS.block_items, SETTINGS.max_topk, BATCHING)
+        build = loading.builder(load, SETTINGS.memory_budget_mb * 2**20)
+        on_file = ROUTES_STATE.read_or_none()  # a restarted worker takes the routes in force
+        generation, routes = on_file if on_file is not None else (0, STARTED.routes)
+        try:
+            snapshot = build(routes, generation, None)
+        except routing.SwapError as exc:
+            raise SystemExit(f"recbole-bento: {exc}") from None
+        host = variants.Host(
+            routing.Registry(snapshot),
+            build,
+            ROUTES_STATE,
+            # the API workers: each holds its own routes (the Ranker's load on their warm-up call)
+            siblings=lambda: [pid for pid, name in lifecycle.siblings() if name == Recommender.name],
+            warm=warm,
+        )
+        HOSTED.serve(host)
         self.path = RequestPath(
-            Planner(artifact, SETTINGS.max_topk),
-            model,
-            model_tag=MODEL_TAG,
-            max_batch=SETTINGS.max_batch_size,
-            max_wait_s=SETTINGS.max_latency_ms / 1000,
-            concurrency=LAYOUT.ranker_workers or 1,
+            host.registry,
             retry_after_s=SETTINGS.retry_after_s,
             max_batch_requests=SETTINGS.max_batch_requests,
+            shadow=variants.Shadow(),
             sessions=self.sessions,
         )
         if bentoml.server_context.worker_index in (None, 1):
@@ -211,9 +249,14 @@ class Recommender:
         )
         bentoml_compat.freeze_startup_objects()
 
+    @bentoml.on_startup
+    async def follow_routes(self) -> None:
+        """From now on (on this worker's event loop) apply each change of the routes (variants.py)."""
+        HOSTED.start()
+
     async def __is_ready__(self) -> bool:
         """503 from the stop signal on, and while the model worker is unreachable."""
-        return not lifecycle.draining() and await self.path.model.ready()
+        return not lifecycle.draining() and await self.path.ready()
 
     async def _respond(self, path: str, body: BaseModel) -> Response:
         try:
@@ -264,19 +307,24 @@ class Recommender:
 
     @bentoml.api
     async def model_info(self) -> ModelInfo:
-        """What is being served: tag, model, dataset, sizes, inputs, import-time metrics."""
-        planner = self.path.planner
+        """What is being served: tag, model, dataset, sizes, inputs, import-time metrics (of the
+        first variant's model), and every variant of the routes."""
+        snapshot = self.path.registry.current
+        first = next(iter(snapshot.variants.values()))
+        planner = first.planner
+        served = variants.describe(snapshot)
+        metadata = bentoml.models.get(first.tag).info.metadata
         return ModelInfo(
-            tag=MODEL_TAG,
+            tag=first.tag,
             recbole_model=planner.spec.name,
-            dataset=self.metadata["dataset"],
+            dataset=metadata["dataset"],
             item_count=planner.n_items,
-            max_history_length=self.metadata["max_history_length"],
+            max_history_length=metadata["max_history_length"],
             required_inputs=planner.spec.required_inputs,
-            device=await self.path.model.device(),
+            device=await first.loaded.model.port.device(),
             metrics={
-                "valid_metric": self.metadata.get("valid_metric"),
-                "best_valid_score": self.metadata.get("best_valid_score"),
+                "valid_metric": metadata.get("valid_metric"),
+                "best_valid_score": metadata.get("best_valid_score"),
             },
             limits={
                 "max_history": SETTINGS.max_history,
@@ -288,20 +336,25 @@ class Recommender:
             },
             similar_items=planner.spec.item_table is not None,
             filterable_fields=planner.attributes.describe() if planner.attributes else {},
-            retrieval_index=self.metadata.get("retrieval_index"),
+            variants=served["variants"],
+            shadow=served["shadow"],
+            retrieval_index=metadata.get("retrieval_index"),
         )
 
 
-Recommender.mount_asgi_app(SESSIONS_APP, path="/sessions")  # GET, DELETE /sessions/{id}
+# /admin/routes: change the routes while serving; only with RECBOLE_BENTO_ADMIN_TOKEN (else 404).
+if SETTINGS.admin_token:
+    Recommender.mount_asgi_app(variants.AdminApp(HOSTED.get, SETTINGS.admin_token), path="/admin")
 # GET /playground: the page to try the model in a browser (edge/playground.py).
 Recommender.mount_asgi_app(playground.app(), path="/")
+Recommender.mount_asgi_app(SESSIONS_APP, path="/sessions")  # GET, DELETE /sessions/{id}
 # Outermost: Connection: close on every response once the stop signal came (lifecycle.py).
 Recommender.add_asgi_middleware(lifecycle.DrainMiddleware)
 # Calls per endpoint, and the refused ones by outcome, next to the answered ones counted in
 # RequestPath.answer (docs/operations.md).
 Recommender.add_asgi_middleware(
     observability.RefusalMetricsMiddleware,
-    model_tag=MODEL_TAG,
+    labels=HOSTED.refusal_labels,
     paths=("/recommend", "/recommend_batch", "/similar_items", "/events"),
 )
 # The front door (docs/errors.md): concurrency limit (429 + Retry-After), body size limit (413),

@@ -49,6 +49,12 @@ assumptions are tested one by one in tests/test_compat.py.
   store, which is fixed when BentoML is first imported (``BENTOML_HOME``). ``core/store.py`` calls
   it; a BentoML that differs gets the one-line refusal of ``import_model_into`` (the command is no
   server: nothing else runs ``check`` there).
+* ``circus.sighandler.SysHandler.handle_hup`` (replaced in the ``bentoml serve`` process,
+  ``on_hangup``): circus, BentoML's process manager, answers SIGHUP by restarting every worker
+  (``reload``): each reloads its models from scratch, and the routes file would be read by each on
+  its own. With ``RECBOLE_BENTO_ROUTES`` set, SIGHUP instead re-reads the routes file once, in the
+  arbiter, and publishes it to the workers, which swap in place (``edge/variants.py``). BentoML
+  exposes no signal hook of its arbiter.
 * ``WORKER_MODULE`` (``lifecycle.py``): the sibling workers of one ``bentoml serve`` are recognised
   by this module and its ``--service-name`` option on their command line. BentoML exposes no list
   of the processes serving which service (``bentoml.server_context`` knows the current process
@@ -193,6 +199,20 @@ def _model_store_class() -> Any:
     return ModelStore
 
 
+TESTED_CIRCUS = ">=0.18,<0.19"
+
+
+def _circus_sighandler() -> Any:
+    import circus
+    from circus.sighandler import SysHandler
+
+    _expect(Version(circus.__version__) in SpecifierSet(TESTED_CIRCUS), f"circus {circus.__version__}")
+    source = inspect.getsource(SysHandler.handle_hup)
+    _expect("self.reload()" in source, "SysHandler.handle_hup no longer reloads")
+    _expect("add_callback_from_signal" in inspect.getsource(SysHandler.reload), "SysHandler.reload changed")
+    return SysHandler
+
+
 def _worker_command_line() -> None:
     command = importlib.import_module(WORKER_MODULE).main
     options = {opt for param in command.params for opt in param.opts}
@@ -207,6 +227,7 @@ ASSUMPTIONS: dict[str, Callable[[], Any]] = {
     "logging configs": _logging_configs,
     "worker command line": _worker_command_line,
     "ModelStore": _model_store_class,
+    "circus SIGHUP handler": _circus_sighandler,
 }
 
 
@@ -288,6 +309,17 @@ def _cancel_finished_timeouts(middleware: Any) -> None:
             timer.cancel()
 
     middleware.__call__ = call
+
+
+def on_hangup(callback: Callable[[], None]) -> None:
+    """In the ``bentoml serve`` process: SIGHUP runs *callback* on circus's event loop instead of
+    restarting every worker. Call only after ``check()`` returned True."""
+    handler = _circus_sighandler()
+
+    def handle_hup(self: Any) -> None:
+        self.controller.loop.add_callback_from_signal(callback)
+
+    handler.handle_hup = handle_hup
 
 
 def untraced(paths: list[str]) -> dict[str, Any]:

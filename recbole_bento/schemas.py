@@ -87,6 +87,21 @@ def _sequence_or_session(schema: dict[str, Any]) -> None:
     ]
 
 
+# Which model answers (docs/operations.md, "Model lifecycle"). OpenAPI 3.0 "nullable", as above.
+AssignmentKey = Annotated[
+    Annotated[StrictStr, Field(min_length=1, max_length=SETTINGS.max_id_length)] | None,
+    Field(
+        description="what the request is assigned to a variant by (the same key, the same variant); "
+        "default: user_id, else a random draw",
+        **NULLABLE,
+    ),
+]
+VariantName = Annotated[
+    Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None,
+    Field(description="answer with this variant of the routes (POST /model_info lists them)", **NULLABLE),
+]
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_sequence_or_session)
 
@@ -111,6 +126,8 @@ class RecommendRequest(BaseModel):
     explain: StrictBool = Field(
         False, description="also answer because: per returned item, the history items most like it"
     )
+    assignment_key: AssignmentKey = None
+    variant: VariantName = None
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +157,8 @@ class SimilarItemsRequest(BaseModel):
         None, description="if set, only these items may be returned", **NULLABLE
     )
     filters: Filters = None
+    assignment_key: AssignmentKey = None
+    variant: VariantName = None
 
 
 class RankedItems(BaseModel):
@@ -151,6 +170,8 @@ class RankedItems(BaseModel):
     fallback: Annotated[
         Literal["popular"] | None, WithJsonSchema({"type": "string", "enum": ["popular"], "nullable": True})
     ] = Field(description='"popular" when no known history item (or user) was left to rank with')
+    model: str = Field(description="the stored model that answered (BentoML tag, name:version)")
+    variant: str = Field(description='the routes\' variant that answered ("default" without routes)')
     retrieval: Literal["exact", "index"] = Field(
         "exact",
         description='"index" when the model\'s retrieval index picked the candidates (their scores are '
@@ -194,6 +215,11 @@ class ModelInfo(BaseModel):
     filterable_fields: dict[str, dict[str, Any]] = Field(
         description="per field: its type (token, token_seq, float) and a few example values"
     )
+    variants: list[dict[str, Any]] = Field(
+        description="the routes in force: per variant its name, model, weight, status, loaded_at "
+        "(Unix time) and load_seconds; tag and the fields above describe the first variant's model"
+    )
+    shadow: str | None = Field(description="the shadow model, scored off the request path", **NULLABLE)
     retrieval_index: dict[str, Any] | None = Field(
         None,
         description="the first variant's retrieval index: kind, nlist/nprobe or M/efSearch, candidates "

@@ -42,6 +42,10 @@ class Settings:
     fast_path: int = 1  # 0 = the JSON endpoints through BentoML's API dispatch (edge/fast_path.py)
     access_log: int = 0  # 1 = BentoML's access log (one INFO line per request) on both services
     json_logs: int = 0  # 1 = one JSON object per log line (docs/operations.md)
+    # Several models and changing them while serving (docs/operations.md, "Model lifecycle").
+    routes: str | None = None  # a routes file (YAML or JSON): variants, weights, shadow; unset = MODEL alone
+    admin_token: str | None = None  # enables /admin/routes (Authorization: Bearer <token>); unset = off
+    memory_budget_mb: int = 0  # models one process may hold at a swap's peak (old + new); 0 = no limit
     allow_untested_bentoml: int = 0  # 1 = serve on a BentoML the edge was not written for (no patches)
 
     @classmethod

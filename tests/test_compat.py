@@ -86,9 +86,19 @@ def _model_store_argument_renamed(monkeypatch) -> None:
     monkeypatch.setattr(bentoml.models, "import_model", import_model)
 
 
+def _circus_hangup_rewritten(monkeypatch) -> None:
+    from circus.sighandler import SysHandler
+
+    def handle_hup(self) -> None:  # e.g. circus stops reloading on SIGHUP
+        self.quit()
+
+    monkeypatch.setattr(SysHandler, "handle_hup", handle_hup)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
+        (_circus_hangup_rewritten, "circus SIGHUP handler"),
         (_mime_type_takes_an_argument, "IORootModel.mime_type"),
         (_local_call_renamed, "APIMethod._local_call"),
         (_server_log_formatter_renamed, "logging configs"),
@@ -277,3 +287,26 @@ def test_json_logs_reach_the_configs_bentoml_applies_later(monkeypatch) -> None:
     for config, name in ((SERVER_LOGGING_CONFIG, "traced"), (CLI_LOGGING_CONFIG, "simple")):
         built = logging.config.DictConfigurator(config).configure_formatter(config["formatters"][name])
         assert isinstance(built, observability.JsonFormatter), name
+
+
+def test_sighup_in_the_arbiter_runs_the_routes_reload_instead_of_restarting_workers(monkeypatch) -> None:
+    """circus's signal handler schedules its reload on its loop; with routes, SIGHUP schedules
+    ours the same way (``on_hangup``), and nothing restarts."""
+    import signal
+
+    from circus.sighandler import SysHandler
+
+    monkeypatch.setattr(SysHandler, "handle_hup", SysHandler.handle_hup)  # restored after the test
+    scheduled = []
+    loop = type("Loop", (), {"add_callback_from_signal": lambda self, f, *a: scheduled.append((f, a))})()
+    controller = type("Controller", (), {"loop": loop, "dispatch": "circus-dispatch"})()
+    handler = SysHandler.__new__(SysHandler)
+    handler.controller = controller
+    handler.signal(signal.SIGHUP)  # circus as shipped: a graceful reload of every worker
+    assert scheduled[-1][0] == "circus-dispatch" and b"reload" in str(scheduled[-1][1]).encode()
+    reread = []
+    bentoml_compat.on_hangup(lambda: reread.append(1))
+    handler.signal(signal.SIGHUP)
+    callback, args = scheduled[-1]
+    callback(*args)
+    assert reread == [1] and len(scheduled) == 2

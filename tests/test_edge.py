@@ -27,6 +27,7 @@ from recbole_bento.edge.request_path import (
     ModelUnavailable,
     RemoteModel,
     RequestPath,
+    single_model,
 )
 from recbole_bento.schemas import RecommendRequest, SimilarItemsRequest, SimilarItemsResponse
 from recbole_bento.settings import Settings
@@ -45,6 +46,7 @@ def planner(model: str = "SASRec", directory: Path | None = None) -> Planner:
         user_tokens=["[PAD]", "u1"],
         popularity=POPULARITY,
         path=directory or Path(__file__).parent,  # no item_attributes.json there: no attributes
+        window=50,  # the most recent items the model reads
     )
     return Planner(artifact, max_topk=1000)  # type: ignore[arg-type]
 
@@ -76,9 +78,9 @@ def similar(**fields: object) -> SimilarItemsRequest:
     return SimilarItemsRequest(**{"items": ["a"], "topk": 3, **fields})
 
 
-def path_with(model, planned: Planner | None = None, **kw) -> RequestPath:
-    options = {"max_batch": 64, "max_wait_s": 10.0, "concurrency": 1, "retry_after_s": 2} | kw
-    return RequestPath(planned or planner(), model, model_tag="stub:1", **options)
+def path_with(model, planned: Planner | None = None, tag: str = "stub:1", **kw) -> RequestPath:
+    options = {"max_batch": 64, "max_wait_s": 10.0, "concurrency": 1} | kw
+    return RequestPath(single_model(planned or planner(), model, model_tag=tag, **options), retry_after_s=2)
 
 
 # ------------------------------------------------------------------ batcher
@@ -157,8 +159,7 @@ def test_request_path_answers_in_external_ids_with_masks_and_fallback():
 
 def test_request_path_refuses_what_the_model_cannot_do_before_batching():
     stub = StubModel()
-    path = RequestPath(planner("Caser"), LocalModel(stub.rank_many, "cpu"), model_tag="t", max_batch=8,
-                       max_wait_s=1, concurrency=1, retry_after_s=1)  # fmt: skip
+    path = path_with(LocalModel(stub.rank_many, "cpu"), planner("Caser"), tag="t", max_batch=8, max_wait_s=1)
     with pytest.raises(RequestError, match="needs a user_id"):
         asyncio.run(path.answer([request(user_id="u1"), request()]))
     with pytest.raises(RequestError, match="topk must be between 1 and 5"):
@@ -182,6 +183,9 @@ def test_respond_bodies_single_and_batch():
         "unknown_items": [],
         "fallback": None,
         "because": None,
+        "model": "stub:1",
+        "variant": "default",
+        "retrieval": "exact",
     }
     results = json.loads(many.body)["results"]
     assert [r["item_list"] for r in results] == [["e"], ["b"]] and results[1]["fallback"] == "popular"
@@ -190,6 +194,9 @@ def test_respond_bodies_single_and_batch():
         "score_list": [5.0],
         "unknown_items": [],
         "fallback": None,
+        "model": "stub:1",
+        "variant": "default",
+        "retrieval": "exact",
     }
 
 
@@ -238,7 +245,7 @@ def test_filters_reach_the_model_normalised_and_mask_the_fallback_alike(colours,
     stub = StubModel(colours.compile_filter)
     path = path_with(LocalModel(stub.rank_many, "cpu"), planned=colours)
     observed = []
-    monkeypatch.setattr(observability, "filtered", lambda tag, share: observed.append((tag, share)))
+    monkeypatch.setattr(observability, "filtered", lambda tag, variant, share: observed.append((tag, share)))
 
     async def scenario():
         recommended = await path.answer(

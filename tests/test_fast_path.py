@@ -40,7 +40,10 @@ def served(sasrec_tag: str) -> Iterator[tuple[ModuleType, TestClient]]:
 
 def counts(tag: str) -> dict[str, float]:
     return {
-        o: REGISTRY.get_sample_value("recbole_bento_requests_total", {"model_tag": tag, "outcome": o}) or 0.0
+        o: REGISTRY.get_sample_value(
+            "recbole_bento_requests_total", {"model_tag": tag, "variant": "default", "outcome": o}
+        )
+        or 0.0
         for o in OUTCOMES
     }
 
@@ -140,7 +143,8 @@ def test_unexpected_error_is_bentomls_500(served, sasrec_tag, monkeypatch):
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(service.FAST_ROUTES.path.planner, "plan", broken)
+    planner = service.FAST_ROUTES.path.registry.current.variants["default"].planner
+    monkeypatch.setattr(planner, "plan", broken)
     fast, bentoml_answer = both_ways(served, sasrec_tag, "/recommend", b'{"sequence": ["1"]}', JSON)
     assert fast == bentoml_answer
     assert fast[0] == 500 and fast[3] == {"server_error": 1.0}

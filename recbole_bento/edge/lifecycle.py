@@ -144,16 +144,21 @@ class _State:
 
 def callers(service_name: str) -> list[int]:
     """PIDs of the live sibling workers (same `bentoml serve` arbiter) that serve another service."""
+    return [pid for pid, name in siblings() if name != service_name]
+
+
+def siblings() -> list[tuple[int, str]]:
+    """(pid, service name) of the live sibling workers of this one, this one left out."""
     import psutil
 
     try:
         me = psutil.Process()
         parent = me.parent()
-        siblings = parent.children() if parent is not None else []
+        children = parent.children() if parent is not None else []
     except psutil.Error:
         return []
     out = []
-    for proc in siblings:
+    for proc in children:
         try:
             if proc.pid == me.pid or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
@@ -161,9 +166,8 @@ def callers(service_name: str) -> list[int]:
         except psutil.Error:
             continue
         if _WORKER_MODULE in cmd and "--service-name" in cmd:
-            name = cmd[cmd.index("--service-name") + 1] if cmd.index("--service-name") + 1 < len(cmd) else ""
-            if name != service_name:
-                out.append(proc.pid)
+            at = cmd.index("--service-name") + 1
+            out.append((proc.pid, cmd[at] if at < len(cmd) else ""))
     return out
 
 

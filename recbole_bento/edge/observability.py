@@ -1,6 +1,9 @@
 """What the service tells its operators: domain metrics on ``/metrics`` and an optional JSON log format.
 
-Metrics (every one labelled with ``model_tag``, the stored model being served):
+Metrics (every one labelled with ``model_tag``, the stored model; the per-request ones also with
+``variant``, the routes' variant that answered: ``default`` without a routes file; a refused call
+has no variant, and is labelled with the one variant's model and name where only one is served,
+else with empty labels):
 
     recbole_bento_requests_total{outcome}   one per recommendation request; outcome is
         ok            answered by the model
@@ -20,6 +23,9 @@ Metrics (every one labelled with ``model_tag``, the stored model being served):
     recbole_bento_history_length            histogram: items per request history, as sent
     recbole_bento_batch_size                histogram: histories per model call (adaptive batching)
     recbole_bento_rank_seconds              histogram: wall time of one batched model call
+    recbole_bento_shadow_overlap{variant}   histogram (model_tag: the shadow model): share of the
+        served answer's items that the shadow model ranks in its own top-k for the same request
+    recbole_bento_shadow_dropped_total      requests not shadowed: the shadow model was behind
 
 The metric objects are created on first use, inside BentoML's worker processes: BentoML points
 ``PROMETHEUS_MULTIPROC_DIR`` at a shared folder for them, so ``/metrics`` on the public port adds up
@@ -35,7 +41,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,6 +49,7 @@ PREFIX = "recbole_bento"
 HISTORY_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 SELECTIVITY_BUCKETS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 RANK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -51,45 +58,66 @@ def _metrics() -> SimpleNamespace:
     from prometheus_client import Counter, Histogram
 
     tag = ["model_tag"]
+    served = ["model_tag", "variant"]
     return SimpleNamespace(
-        requests=Counter(f"{PREFIX}_requests", "Recommendation requests by outcome", [*tag, "outcome"]),
-        fallbacks=Counter(f"{PREFIX}_fallbacks", "Requests answered from popularity", [*tag, "reason"]),
-        history_items=Counter(f"{PREFIX}_history_items", "History items in answered requests", tag),
-        unknown_items=Counter(f"{PREFIX}_unknown_items", "History items the model does not know", tag),
+        requests=Counter(f"{PREFIX}_requests", "Recommendation requests by outcome", [*served, "outcome"]),
+        fallbacks=Counter(f"{PREFIX}_fallbacks", "Requests answered from popularity", [*served, "reason"]),
+        history_items=Counter(f"{PREFIX}_history_items", "History items in answered requests", served),
+        unknown_items=Counter(f"{PREFIX}_unknown_items", "History items the model does not know", served),
         history_length=Histogram(
-            f"{PREFIX}_history_length", "Items per request history, as sent", tag, buckets=HISTORY_BUCKETS
+            f"{PREFIX}_history_length", "Items per request history, as sent", served, buckets=HISTORY_BUCKETS
         ),
         batch_size=Histogram(f"{PREFIX}_batch_size", "Histories per model call", tag, buckets=BATCH_BUCKETS),
         endpoint_requests=Counter(
-            f"{PREFIX}_endpoint_requests", "HTTP calls per endpoint, answered or refused", [*tag, "endpoint"]
+            f"{PREFIX}_endpoint_requests",
+            "HTTP calls per endpoint, answered or refused",
+            [*served, "endpoint"],
         ),
         filter_selectivity=Histogram(
             f"{PREFIX}_filter_selectivity",
             "Share of the catalogue passing a request's filters",
-            tag,
+            served,
             buckets=SELECTIVITY_BUCKETS,
         ),
         rank_seconds=Histogram(
             f"{PREFIX}_rank_seconds", "Wall time of one batched model call", tag, buckets=RANK_BUCKETS
         ),
+        shadow_overlap=Histogram(
+            f"{PREFIX}_shadow_overlap",
+            "Share of the served top-k in the shadow model's top-k",
+            served,
+            buckets=OVERLAP_BUCKETS,
+        ),
+        shadow_dropped=Counter(
+            f"{PREFIX}_shadow_dropped", "Requests not shadowed: the shadow was behind", tag
+        ),
     )
 
 
-def answered(model_tag: str, history_length: int, unknown: int, fallback: str | None) -> None:
+def answered(model_tag: str, variant: str, history_length: int, unknown: int, fallback: str | None) -> None:
     """One answered recommendation. *fallback*: None, or why popularity answered it."""
     m = _metrics()
-    m.requests.labels(model_tag, "fallback" if fallback else "ok").inc()
+    m.requests.labels(model_tag, variant, "fallback" if fallback else "ok").inc()
     if fallback:
-        m.fallbacks.labels(model_tag, fallback).inc()
-    m.history_items.labels(model_tag).inc(history_length)
+        m.fallbacks.labels(model_tag, variant, fallback).inc()
+    m.history_items.labels(model_tag, variant).inc(history_length)
     if unknown:
-        m.unknown_items.labels(model_tag).inc(unknown)
-    m.history_length.labels(model_tag).observe(history_length)
+        m.unknown_items.labels(model_tag, variant).inc(unknown)
+    m.history_length.labels(model_tag, variant).observe(history_length)
 
 
-def filtered(model_tag: str, selectivity: float) -> None:
+def filtered(model_tag: str, variant: str, selectivity: float) -> None:
     """One answered request with filters; *selectivity*: the share of the catalogue passing them."""
-    _metrics().filter_selectivity.labels(model_tag).observe(selectivity)
+    _metrics().filter_selectivity.labels(model_tag, variant).observe(selectivity)
+
+
+def shadow_overlap(shadow_tag: str, variant: str, overlap: float) -> None:
+    """One shadowed request: the share of *variant*'s answer that the shadow model also returned."""
+    _metrics().shadow_overlap.labels(shadow_tag, variant).observe(overlap)
+
+
+def shadow_dropped(shadow_tag: str, requests: int) -> None:
+    _metrics().shadow_dropped.labels(shadow_tag).inc(requests)
 
 
 @contextlib.contextmanager
@@ -117,9 +145,14 @@ class RefusalMetricsMiddleware:
     """ASGI middleware on the public service: counts the calls on each of *paths*, and the refused
     ones by outcome, whatever refused them (request schema, the service's own limits, an exception)."""
 
-    def __init__(self, app: Any, model_tag: str, paths: tuple[str, ...] = ("/recommend", "/recommend_batch")):
+    def __init__(
+        self,
+        app: Any,
+        labels: Callable[[], tuple[str, str]],
+        paths: tuple[str, ...] = ("/recommend", "/recommend_batch"),
+    ):
         self.app = app
-        self.model_tag = model_tag
+        self.labels = labels  # (model_tag, variant) of a refused call: asked when it is counted
         self.paths = frozenset(paths)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -137,10 +170,11 @@ class RefusalMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            _metrics().endpoint_requests.labels(self.model_tag, scope["path"]).inc()
+            labels = self.labels()
+            _metrics().endpoint_requests.labels(*labels, scope["path"]).inc()
             outcome = refusal_outcome(status)
             if outcome:
-                _metrics().requests.labels(self.model_tag, outcome).inc()
+                _metrics().requests.labels(*labels, outcome).inc()
 
 
 # ---------------------------------------------------------------------------------------------- logs

@@ -24,11 +24,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
+from ..core import routes as routing
 from ..core.planner import Plan, Planner, RequestError
 from ..core.ranking import RankQuery, RankResult
 from ..core.sessions import StoreUnavailable
@@ -44,6 +46,7 @@ from ..schemas import (
 from . import observability
 from .batcher import Batcher, Overloaded
 from .sessions import SessionHistory
+from .variants import Ranked, Shadow, Snapshot
 
 logger = logging.getLogger("recbole_bento")
 
@@ -189,31 +192,56 @@ SIMILAR_ITEMS = QueryKind(
 )
 
 
+def single_model(
+    planner: Planner, model: ModelPort, *, model_tag: str, max_batch: int, max_wait_s: float, concurrency: int
+) -> routing.Registry[Ranked]:
+    """The registry of a server with one model: the implicit variant ``default``."""
+    loaded = routing.Loaded(
+        model_tag, planner, ranked(model, max_batch, max_wait_s, concurrency), 0, time.time(), 0.0
+    )
+    snapshot = routing.Snapshot(
+        0,
+        routing.single(model_tag),
+        {routing.DEFAULT_VARIANT: routing.Served(routing.DEFAULT_VARIANT, 1.0, loaded)},
+        models={model_tag: loaded},
+    )
+    return routing.Registry(snapshot)
+
+
+def ranked(
+    model: ModelPort, max_batch: int, max_wait_s: float, concurrency: int, holds: object = None
+) -> Ranked:
+    """The ranking handle of one model in this process: *model* behind its own batcher."""
+    batched = Batcher(model.rank, max_batch=max_batch, max_wait_s=max_wait_s, concurrency=concurrency)
+    return Ranked(model, batched, holds)
+
+
+def assignment_key(request: Any) -> str | None:
+    """What a request is assigned to a variant by: its ``assignment_key``, else its ``user_id``."""
+    key = getattr(request, "assignment_key", None)
+    if key is None:
+        key = getattr(request, "user_id", None)
+    return None if key is None else str(key)
+
+
 class RequestPath:
-    """Plan, rank (batched), fall back, decode: everything between the API and the model."""
+    """Pick the variant, plan, rank (batched), fall back, decode: everything between the API and
+    the models. Each request is answered on the registry's snapshot of its arrival."""
 
     def __init__(
         self,
-        planner: Planner,
-        model: ModelPort,
+        registry: routing.Registry[Ranked],
         *,
-        model_tag: str,
-        max_batch: int,
-        max_wait_s: float,
-        concurrency: int,
         retry_after_s: int,
         max_batch_requests: int = 0,
+        shadow: Shadow | None = None,
         sessions: SessionHistory | None = None,
     ) -> None:
-        self.planner = planner
+        self.registry = registry
         self.sessions = sessions  # server-side histories (edge/sessions.py); None: session_id refused
-        self.model = model
-        self.model_tag = model_tag
         self.retry_after_s = retry_after_s
         self.max_batch_requests = max_batch_requests  # entries per /recommend_batch body; 0 = no limit
-        self._batched = Batcher(
-            model.rank, max_batch=max_batch, max_wait_s=max_wait_s, concurrency=concurrency
-        )
+        self.shadow = shadow
 
     # One method per JSON endpoint, called with its validated body by both ways in: the service's
     # ``@bentoml.api`` method and the fast path (``edge/fast_path.py``). RequestError: a 400.
@@ -262,31 +290,61 @@ class RequestPath:
         """POST /similar_items: the items most like the given ones."""
         return await self.respond([request], batch=False, kind=SIMILAR_ITEMS)
 
-    async def answer(self, requests: Sequence[Any], *, kind: QueryKind = RECOMMEND) -> list[RankedItems]:
-        """The answers of *kind* to *requests* (its request model), in order; RequestError,
-        ModelUnavailable or Overloaded otherwise. Queries of either kind share the model's batches."""
-        plans = [kind.plan(self.planner, r) for r in requests]  # RequestError before any batching
-        to_rank = [p.query for p in plans if p.rankable]
-        if len(to_rank) == 1:
-            ranked = iter([await self._batched(to_rank[0])])
-        else:
-            ranked = iter(await self.model.rank(to_rank) if to_rank else [])
-        out = []
-        for plan in plans:
-            result = next(ranked) if plan.rankable else self.planner.popular(plan)
-            # built from our own values: nothing to validate
-            out.append(kind.response.model_construct(**self.planner.answer(plan, result)))
-            sent = len(plan.query.history) + len(plan.unknown)
-            observability.answered(self.model_tag, sent, len(plan.unknown), plan.fallback)
-            if plan.passing is not None:
-                observability.filtered(self.model_tag, plan.passing / self.planner.n_items)
-        return out
+    async def ready(self) -> bool:
+        """Every model of the routes in force can rank."""
+        ports = {id(m.model.port): m.model.port for m in self.registry.current.models.values()}
+        return all([await port.ready() for port in ports.values()])
+
+    async def answer(
+        self, requests: Sequence[Any], *, kind: QueryKind = RECOMMEND, snapshot: Snapshot | None = None
+    ) -> list[RankedItems]:
+        """The answers of *kind* to *requests* (its request model), in order, each by its variant
+        in *snapshot* (default: the current one); RequestError, ModelUnavailable or Overloaded
+        otherwise. Queries of either kind share each model's batches."""
+        snapshot = snapshot or self.registry.current
+        chosen = [snapshot.pick(assignment_key(r), getattr(r, "variant", None)) for r in requests]
+        plans = [kind.plan(v.planner, r) for v, r in zip(chosen, requests, strict=True)]  # before batching
+        by_variant: dict[str, list[int]] = {}
+        for i, served in enumerate(chosen):
+            plans[i].query.model = served.tag  # which model ranks it (the Ranker holds several)
+            by_variant.setdefault(served.name, []).append(i)
+        groups = list(by_variant.values())
+        ranked = await asyncio.gather(
+            *(
+                self._rank(chosen[g[0]].loaded.model, [plans[i].query for i in g if plans[i].rankable])
+                for g in groups
+            )
+        )
+        out: list[RankedItems | None] = [None] * len(requests)
+        for group, results in zip(groups, ranked, strict=True):
+            served = chosen[group[0]]
+            planner = served.planner
+            group_plans = [plans[i] for i in group]
+            for i, plan, fields in zip(
+                group, group_plans, planner.answers(group_plans, results), strict=True
+            ):
+                # our own values: nothing to validate
+                out[i] = kind.response.model_construct(**fields, model=served.tag, variant=served.name)
+                sent = len(plan.query.history) + len(plan.unknown)
+                observability.answered(served.tag, served.name, sent, len(plan.unknown), plan.fallback)
+                if plan.passing is not None:
+                    observability.filtered(served.tag, served.name, plan.passing / planner.n_items)
+        return cast(list[RankedItems], out)
+
+    @staticmethod
+    async def _rank(model: Ranked, queries: list[RankQuery]) -> Sequence[RankResult]:
+        """A lone query joins the model's batches; several (a batch body) are one model call."""
+        if len(queries) == 1:
+            return [await model.batched(queries[0])]
+        return await model.port.rank(queries) if queries else []
 
     async def respond(self, requests: Sequence[Any], *, batch: bool, kind: QueryKind = RECOMMEND) -> Response:
         """One HTTP response: 200 with the answer (``{"results": [...]}`` for a *batch*), or the 503
-        a refusal gets. RequestError propagates: the service refuses it as BentoML does (400)."""
+        a refusal gets. RequestError propagates: the service refuses it as BentoML does (400). Once
+        the response is sent, the shadow model (if any) ranks the same requests."""
+        snapshot = self.registry.current  # the request finishes on the models it started with
         try:
-            answers = await self.answer(requests, kind=kind)
+            answers = await self.answer(requests, kind=kind, snapshot=snapshot)
         except ModelUnavailable as exc:
             return error_response(503, str(exc), retry_after_s=self.retry_after_s)
         except Overloaded:
@@ -298,7 +356,10 @@ class RequestPath:
             body = '{"results":[' + ",".join(a.model_dump_json() for a in answers) + "]}"
         else:
             body = answers[0].model_dump_json()
-        return Response(body, media_type="application/json")
+        later = None
+        if self.shadow is not None and snapshot.shadow is not None:
+            later = BackgroundTask(self.shadow.submit, snapshot, kind.plan, requests, answers)
+        return Response(body, media_type="application/json", background=later)
 
 
 def error_response(status: int, error: str, *, retry_after_s: int | None = None) -> Response:
