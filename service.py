@@ -287,15 +287,17 @@ class Recommender:
     @bentoml.api(input_spec=ItemsRequest, output_spec=ItemsResponse)
     async def items(self, **fields: object) -> ItemsResponse:
         """Items by id, or searched by id and attribute words, with their attributes: the playground's
-        item picker and result cards."""
+        item picker and result cards. In the catalogue of the variant named (default: the first)."""
         body = ItemsRequest.model_construct(**fields)
-        catalogue = self.path.planner.catalogue
+        snapshot = self.path.registry.current
         try:
+            first = next(iter(snapshot.variants.values()))
+            catalogue = (snapshot.pick(None, body.variant) if body.variant else first).planner.catalogue
             if body.ids is not None:
                 found, unknown = catalogue.lookup(body.ids)
             else:
                 found, unknown = catalogue.search(body.query or "", body.limit), []
-        except CatalogueError as exc:
+        except (RequestError, CatalogueError) as exc:
             raise InvalidArgument(str(exc)) from None
         items = [CatalogueItem(id=item.id, attributes=item.attributes) for item in found]
         return ItemsResponse(items=items, unknown_items=unknown)

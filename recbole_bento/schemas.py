@@ -246,6 +246,7 @@ class ItemsRequest(BaseModel):
     limit: StrictInt = Field(
         20, ge=1, le=catalogue.MAX_RESULTS, description="with query: how many items at most"
     )
+    variant: VariantName = None
 
     @model_validator(mode="after")
     def _one_of(self) -> ItemsRequest:

@@ -8,11 +8,13 @@ sends must be answered without a refusal, and go to the server itself.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -120,29 +122,46 @@ def test_items_search_and_lookup_over_http(shop):
 
 
 @pytest.fixture(scope="module")
-def browser_page(shop) -> Iterator[SimpleNamespace]:
-    """A page of a headless chromium on the playground, with every request, answer, console error
-    and page error it produced."""
+def chromium() -> Iterator[Any]:
+    """Debian's chromium, headless, driven by Playwright (one per module: Playwright's sync API
+    runs one event loop per thread)."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).exists():
+    executable = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(executable).exists():
         pytest.fail("no chromium: `make install-dev` installs Debian's chromium package")
-    seen = SimpleNamespace(requests=[], refused=[], errors=[])
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.set_default_timeout(30_000)
-            page.on("request", lambda r: seen.requests.append(r.url))
-            page.on("response", lambda r: r.status >= 400 and seen.refused.append((r.url, r.status)))
-            page.on("console", lambda m: m.type == "error" and seen.errors.append(m.text))
-            page.on("pageerror", lambda e: seen.errors.append(str(e)))
-            page.goto(f"{shop.url}/playground")
-            page.wait_for_selector("body[data-ready=true]")
-            yield SimpleNamespace(page=page, seen=seen, url=shop.url)
+            yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def browser_on(chromium: Any, url: str) -> Iterator[SimpleNamespace]:
+    """A fresh page on the playground at *url*, with every request, refused answer, console error
+    and page error it produced."""
+    seen = SimpleNamespace(requests=[], refused=[], errors=[])
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.on("request", lambda r: seen.requests.append(r.url))
+        page.on("response", lambda r: r.status >= 400 and seen.refused.append((r.url, r.status)))
+        page.on("console", lambda m: m.type == "error" and seen.errors.append(m.text))
+        page.on("pageerror", lambda e: seen.errors.append(str(e)))
+        page.goto(f"{url}/playground")
+        page.wait_for_selector("body[data-ready=true]")
+        yield SimpleNamespace(page=page, seen=seen, url=url)
+    finally:
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(chromium, shop) -> Iterator[SimpleNamespace]:
+    with browser_on(chromium, shop.url) as opened:
+        yield opened
 
 
 def _pick(page, item: str) -> None:
@@ -204,6 +223,54 @@ def test_the_page_shows_html_in_attributes_as_text_and_runs_nothing(browser_page
     assert page.text_content("#history li[data-id='1'] span") == f"1 · {HOSTILE}"
     assert page.query_selector_all("img") == [] and page.query_selector_all("body script") == []
     assert page.evaluate("window.__pwned") is None
+    page.fill("#search", "a b c d e f g h i")  # /items takes 8 words: the page says so, sends nothing
+    page.wait_for_selector("#matches li.note")
+    assert page.text_content("#matches li.note") == "a search takes at most 8 words"
     assert browser_page.seen.refused == [] and browser_page.seen.errors == []
     origin = browser_page.url + "/"
     assert [u for u in browser_page.seen.requests if not u.startswith(origin)] == []
+
+
+@pytest.fixture(scope="module")
+def two_variants(shop, sasrec_tag, tmp_path_factory) -> Iterator[str]:
+    """A server with two variants: the model with attributes, and the same weights without them."""
+    routes = tmp_path_factory.mktemp("routes") / "routes.yaml"
+    routes.write_text(
+        "variants:\n"
+        f'  control: {{model: "{shop.tag}", weight: 50}}\n'
+        f'  treatment: {{model: "{sasrec_tag}", weight: 50}}\n'
+    )
+    with serving(shop.tag, RECBOLE_BENTO_ROUTES=str(routes)) as url:
+        yield url
+
+
+def test_the_page_shows_variants_side_by_side(chromium, two_variants, shop, sasrec_tag):
+    with browser_on(chromium, two_variants) as opened:
+        page, url = opened.page, opened.url
+        assert len(page.query_selector_all("#variants input[type=checkbox]:checked")) == 2
+        for item in HISTORY:
+            _pick(page, item)
+        page.fill("#topk", "5")
+        _recommend(page)
+        body = {"sequence": HISTORY, "topk": 5, "exclude_seen": True, "explain": True}
+        for variant, tag in (("control", shop.tag), ("treatment", sasrec_tag)):
+            expected = post(url, "/recommend", body | {"variant": variant}).json()
+            assert expected["model"] == tag and expected["variant"] == variant
+            column = f"#answers .answer[data-variant='{variant}']"
+            assert _shown(page, column) == expected["item_list"]
+            assert f"model {tag}" in page.text_content(f"{column} .notes")
+
+        # The similar items of an item in a column come from that column's variant.
+        column = "#answers .answer[data-variant='treatment']"
+        first = _shown(page, column)[0]
+        page.click(f"{column} li.item[data-id='{first}'] button.pick")
+        page.wait_for_selector(f"#similar[data-for='{first}'] li.item")
+        similar = post(url, "/similar_items", {"items": [first], "topk": 5, "variant": "treatment"}).json()
+        assert similar["model"] == sasrec_tag and _shown(page, "#similar") == similar["item_list"]
+
+        page.uncheck("#variants input[data-variant='control']")
+        _recommend(page)
+        assert [c.get_attribute("data-variant") for c in page.query_selector_all("#answers .answer")] == [
+            "treatment"
+        ]
+        assert opened.seen.refused == [] and opened.seen.errors == []

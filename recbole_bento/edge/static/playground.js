@@ -219,6 +219,10 @@ async function search() {
     list.replaceChildren();
     return;
   }
+  if (text.split(/\s+/).length > 8) {
+    list.replaceChildren(el("li", "a search takes at most 8 words", "note"));
+    return; // /items would refuse it
+  }
   let answer;
   try {
     answer = await call("items", { query: text.slice(0, 100), limit: 10 });
