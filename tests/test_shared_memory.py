@@ -254,3 +254,28 @@ def test_a_table_the_import_did_not_record_is_refused(sasrec_tag: str, tmp_path:
     shutil.copy(Path(stored_model.path) / ITEM_TABLE, model / ITEM_TABLE)
     with pytest.raises(ArtifactError, match=f"{ITEM_TABLE} was not recorded at import"):
         load_artifact(model, old_digests)
+
+
+# ------------------------------------------------------------------ the layout counts mapped files once
+
+
+def test_mapped_files_count_once_per_server(stored: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from recbole_bento.edge import topology
+    from recbole_bento.settings import Settings
+
+    mapped = store.mapped_size(SimpleNamespace(path=str(stored)))
+    assert mapped == sum((stored / name).stat().st_size for name in (WEIGHTS, ITEM_TABLE, ITEM_UNIT))
+    old = old_format(stored, tmp_path / "old")
+    assert store.mapped_size(SimpleNamespace(path=str(old))) == 0  # each process computes its unit table
+    assert topology.model_copy_bytes(10 * 2**20, 8 * 2**20) == topology.RUNTIME_BYTES + 4 * 2 * 2**20
+    gib = 2**30
+    # 2 copies of 0.5 GiB + 1 GiB mapped once fit in half of 4 GiB; + 1.5 GiB mapped do not
+    fits = topology.choose(Settings(), "cpu", 2, gib // 2, 4 * gib, shared_bytes=gib)
+    assert (fits.topology, fits.api_workers) == ("inprocess", 2)
+    assert "2 model copies of ~0.5 GiB + 1.0 GiB mapped once fit in half of 4.0 GiB" in fits.reason
+    assert (
+        topology.choose(Settings(), "cpu", 2, gib // 2, 4 * gib, shared_bytes=3 * gib // 2).topology
+        == "split"
+    )

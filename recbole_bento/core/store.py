@@ -10,7 +10,15 @@ import bentoml
 from bentoml.exceptions import NotFound
 
 from ..bentoml_compat import import_model_into
-from .artifact import Artifact, ArtifactError, load_artifact, verify_digests
+from .artifact import (
+    ITEM_TABLE,
+    MAPPED_TABLES,
+    WEIGHTS,
+    Artifact,
+    ArtifactError,
+    load_artifact,
+    verify_digests,
+)
 
 FORMAT = "recbole-bento/1"  # metadata["format"]: marks models this project can serve
 
@@ -63,6 +71,16 @@ def import_archive(path: Path, home: Path) -> bentoml.Model:
 def stored_size(model: bentoml.Model) -> int:
     """Bytes of the model's stored files."""
     return sum(p.stat().st_size for p in Path(model.path).iterdir() if p.is_file())
+
+
+def mapped_size(model: bentoml.Model) -> int:
+    """Bytes of the model's stored files that every process of a server maps instead of reading
+    (core/artifact.py): weights.pt and the item tables; 0 for a model stored before the tables
+    were mapped, whose processes each compute a unit-norm table of their own."""
+    path = Path(model.path)
+    if not (path / ITEM_TABLE).is_file():
+        return 0
+    return sum((path / name).stat().st_size for name in (WEIGHTS, *MAPPED_TABLES) if (path / name).is_file())
 
 
 def verify(model: bentoml.Model) -> None:

@@ -29,9 +29,10 @@ from ..settings import Settings
 
 TOPOLOGIES = ("split", "inprocess")
 # A process that holds the model, measured (docs/benchmarks.md): the Python + torch runtime, plus
-# about 4x the stored files, since the item table is held three times (the model's embedding, the
-# block top-k's packed copy, the unit-norm copy /similar_items ranks against) and the vocabulary
-# as Python strings.
+# about 4x the stored files it reads into its own memory (the vocabulary as Python strings and a
+# dict, popularity; for a model stored before the tables were mapped, the unit-norm table it
+# computes too). The files it maps (core/artifact.py: the weights, the item table and its unit-norm
+# copy) are one physical copy for the whole server: they count once, not per process.
 RUNTIME_BYTES = 400 * 2**20
 STORED_BYTES_FACTOR = 4
 SPLIT_CPU_WORKERS = 2  # on CPU, per service: two of each was 1.3-1.6x one of each on 2 cores
@@ -61,19 +62,24 @@ class Layout:
         )
 
 
-def model_copy_bytes(stored_bytes: int) -> int:
-    """About what one process that holds a model of *stored_bytes* stored files takes in memory."""
-    return RUNTIME_BYTES + STORED_BYTES_FACTOR * stored_bytes
+def model_copy_bytes(stored_bytes: int, mapped_bytes: int = 0) -> int:
+    """About what one process that holds a model of *stored_bytes* stored files takes in its own
+    memory; *mapped_bytes* of them are mapped (``store.mapped_size``) and shared by every process
+    of the server (``choose``'s *shared_bytes*)."""
+    return RUNTIME_BYTES + STORED_BYTES_FACTOR * (stored_bytes - mapped_bytes)
 
 
-def choose(settings: Settings, device: str, cores: int, copy_bytes: int, memory_bytes: int) -> Layout:
+def choose(
+    settings: Settings, device: str, cores: int, copy_bytes: int, memory_bytes: int, shared_bytes: int = 0
+) -> Layout:
     """The layout for *settings* (explicit values win) on *device*, for a model that takes about
-    *copy_bytes* per process that holds it, with *memory_bytes* to use."""
+    *copy_bytes* per process that holds it, plus *shared_bytes* once for the whole server (mapped
+    files), with *memory_bytes* to use."""
     requested = (settings.topology or "auto").lower()
     if requested not in ("auto", *TOPOLOGIES):
         raise ValueError(f"RECBOLE_BENTO_TOPOLOGY={settings.topology!r}: use auto, split or inprocess")
     on_cuda = device.startswith("cuda")
-    fit = memory_bytes // 2 // max(1, copy_bytes)  # model copies that fit in half the memory
+    fit = max(0, memory_bytes // 2 - shared_bytes) // max(1, copy_bytes)  # copies that fit in half the memory
     in_process_api = settings.api_workers or cores
     if requested != "auto":
         topology, reason = requested, "RECBOLE_BENTO_TOPOLOGY"
@@ -81,6 +87,8 @@ def choose(settings: Settings, device: str, cores: int, copy_bytes: int, memory_
         topology, reason = "split", "CUDA: one model copy shared by every API worker"
     else:
         need = f"{in_process_api} model copies of ~{copy_bytes / 2**30:.1f} GiB"
+        if shared_bytes:
+            need += f" + {shared_bytes / 2**30:.1f} GiB mapped once"
         half = f"half of {memory_bytes / 2**30:.1f} GiB"
         if in_process_api <= fit:
             topology, reason = "inprocess", f"CPU, {need} fit in {half}: no inter-service hop"
