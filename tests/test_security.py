@@ -22,6 +22,7 @@ from conftest import ROOT, free_port, run_import, serving
 
 from recbole_bento.core import safe_pickle
 from recbole_bento.core.artifact import ArtifactError, verify_digests
+from recbole_bento.core.engine import pick_device
 from recbole_bento.core.safe_pickle import UnsafePickleError, load_checkpoint, load_dataset_pickle
 
 
@@ -469,19 +470,34 @@ def test_altered_stored_file_stops_the_server(sasrec_tag, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("cudaa", "RECBOLE_BENTO_DEVICE='cudaa' is not a device: use cpu, cuda or cuda:<index>"),
+        ("meta", "RECBOLE_BENTO_DEVICE='meta' is not a device: use cpu, cuda or cuda:<index>"),
+        ("cuda:99", "RECBOLE_BENTO_DEVICE='cuda:99': this machine has"),
+    ],
+)
+def test_unusable_device_is_refused_naming_the_setting(value, message):
+    """What the service checks RECBOLE_BENTO_DEVICE with at start (the server test below shows one
+    such refusal stopping `bentoml serve`)."""
+    with pytest.raises(ValueError) as refused:
+        pick_device(value)
+    assert message in str(refused.value)
+
+
 @pytest.mark.server
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
         ("DEVICE", "cudaa", "RECBOLE_BENTO_DEVICE='cudaa' is not a device: use cpu, cuda or cuda:<index>"),
-        ("DEVICE", "meta", "RECBOLE_BENTO_DEVICE='meta' is not a device: use cpu, cuda or cuda:<index>"),
-        ("DEVICE", "cuda:99", "RECBOLE_BENTO_DEVICE='cuda:99': this machine has"),
         ("MAX_TOPK", "ten", "RECBOLE_BENTO_MAX_TOPK='ten' is not an integer"),
     ],
 )
 def test_unusable_setting_stops_the_server(sasrec_tag, setting, value, message):
     """A setting the service cannot run with stops `bentoml serve` at start with the reason, instead
-    of BentoML restarting a failing worker forever (docs/errors.md)."""
+    of BentoML restarting a failing worker forever (docs/errors.md): one setting read when the
+    settings load, one when the service picks its device."""
     env = {f"RECBOLE_BENTO_{setting}": value}
     with pytest.raises(RuntimeError, match="bentoml serve exited") as failed, serving(sasrec_tag, **env):
         pass
