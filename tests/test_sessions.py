@@ -202,6 +202,33 @@ def test_sqlite_expiry_follows_its_clock_and_purges(tmp_path):
         assert db.execute("SELECT n FROM session_count").fetchone() == (1,)
 
 
+def test_an_sqlite_append_waits_for_another_writer_then_gives_up(tmp_path):
+    import threading
+
+    path = tmp_path / "s.sqlite3"
+    store = SQLiteStore(path, ttl_s=60, max_sessions=0, limits=LIMITS, busy_timeout_s=0.5)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # another process's writer
+
+    async def body() -> None:
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.2, other.execute, ["COMMIT"]).start()
+        start = time.monotonic()
+        assert await store.append("a", ["1"], None, 5) == Session(["1"])  # once the lock is free
+        assert 0.15 < time.monotonic() - start < 0.5
+        assert await store.get("a") == Session(["1"])  # reads wait for no writer
+        other.execute("BEGIN IMMEDIATE")
+        assert await store.get("a") == Session(["1"])
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="the session store sqlite:.* failed: database is locked"):
+            await store.append("a", ["2"], None, 5)
+        assert time.monotonic() - start < 1.5
+        other.execute("COMMIT")
+        assert await store.append("a", ["3"], None, 5) == Session(["1", "3"])
+        await store.close()
+
+    run(body())
+
+
 def test_redis_sessions_expire_after_their_ttl(redis_url):
     async def body() -> None:
         store = RedisStore(redis_url, ttl_s=0.3, max_sessions=0, timeout_s=1.0, limits=LIMITS, prefix="ttl:")
