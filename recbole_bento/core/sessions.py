@@ -8,8 +8,8 @@ read after a successful append sees it, whichever process made either call (read
   worker of a server and surviving its restart. An append is one read-modify-write transaction
   opened with ``BEGIN IMMEDIATE``, which takes the write lock first: appends from several processes
   wait for it in turn (short retries, up to a busy timeout) instead of failing on a lock upgrade,
-  and none is lost. Each process runs its appends on one thread of its own, off the event loop,
-  where a wait on the lock blocks nothing else; reads run on the loop (a WAL reader never waits).
+  and none is lost. An append runs on the event loop when the lock is free, else on one thread of
+  the process, where the wait blocks nothing else; reads run on the loop (a WAL reader never waits).
 * ``RedisStore`` (``redis://host:port/db``), for several replicas: one Lua script appends, trims to
   the window, renews the expiry and records the activity in a sorted set (the eviction order)
   atomically, on Redis's clock. Every call is bounded by a short timeout, with no retries, so a down
@@ -207,8 +207,9 @@ class SQLiteStore:
             # SQLite's own busy handler, whose waits start at 1 ms (a write holds the lock ~50 us).
             self._db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
             self._retrying(self._open)
-            # Reads on the event loop's own connection: in WAL mode a reader waits for no writer.
-            self._reader = sqlite3.connect(
+            # The event loop's own connection: reads (in WAL mode a reader waits for no writer), and
+            # appends while no other connection holds the write lock.
+            self._loop_db = sqlite3.connect(
                 self.path, timeout=0, isolation_level=None, check_same_thread=False
             )
             columns = [row[1] for row in self._db.execute("PRAGMA table_info(sessions)")]
@@ -254,13 +255,21 @@ class SQLiteStore:
             raise StoreUnavailable(f"the session store {self.name} failed: {exc}") from None
 
     async def append(self, session_id: str, items: Sequence[str], user_id: str | None, keep: int) -> Session:
-        return await self._call(lambda: self._append(session_id, list(items), user_id, keep))
+        """On the event loop while the write lock is free (~130 us, against ~300 us of CPU through
+        the store's thread); else on that thread, which waits for the lock."""
+        items = list(items)
+        try:
+            return self._append(self._loop_db, session_id, items, user_id, keep)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise StoreUnavailable(f"the session store {self.name} failed: {exc}") from None
+        return await self._call(lambda: self._append(self._db, session_id, items, user_id, keep))
 
     async def get(self, session_id: str) -> Session | None:
         """On the event loop (one indexed read, ~30 us: less than the hop to the store's thread);
         only a busy file (a rare WAL recovery) sends it to the thread, to wait there."""
         try:
-            return self._decode(self._row(self._reader, session_id), self._clock())
+            return self._decode(self._row(self._loop_db, session_id), self._clock())
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise StoreUnavailable(f"the session store {self.name} failed: {exc}") from None
@@ -272,7 +281,7 @@ class SQLiteStore:
         )
 
     async def close(self) -> None:
-        self._reader.close()
+        self._loop_db.close()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown(wait=False)
 
@@ -300,8 +309,9 @@ class SQLiteStore:
             return None
         return Session(items, _valid_user(user, self.limits))
 
-    def _append(self, session_id: str, items: list[str], user_id: str | None, keep: int) -> Session:
-        db = self._db
+    def _append(
+        self, db: sqlite3.Connection, session_id: str, items: list[str], user_id: str | None, keep: int
+    ) -> Session:
         now = self._clock()
         db.execute("BEGIN IMMEDIATE")
         try:
