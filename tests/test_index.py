@@ -335,20 +335,47 @@ def test_the_server_start_up_names_the_extra(indexed: Path, monkeypatch) -> None
         startup.start(Settings(model=str(model.tag)), traced_paths=[])
 
 
-@pytest.mark.slow
-def test_import_model_builds_the_index_on_validation_histories(sasrec) -> None:
+@pytest.fixture(scope="module")
+def imported(sasrec) -> tuple[str, str]:
+    """The tiny SASRec imported with ``--index ivf``: its tag, and what the import said on stderr."""
     from conftest import run_import
 
     args = [sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--index", "ivf"]
     result = run_import(*args, "--name", "sasrec-tiny-ivf")
     assert result.returncode == 0, result.stderr
-    model = store.resolve(result.stdout.strip().splitlines()[-1])
+    return result.stdout.strip().splitlines()[-1], result.stderr
+
+
+@pytest.mark.slow
+def test_import_model_builds_the_index_on_validation_histories(sasrec, imported: tuple[str, str]) -> None:
+    from conftest import run_import
+
+    tag, stderr = imported
+    model = store.resolve(tag)
     params = model.info.metadata["retrieval_index"]
     assert params["query_source"].endswith("validation histories") and params["recall_at_10"] >= 0.95
-    assert "retrieval index ivf (nlist=" in result.stderr
+    assert "retrieval index ivf (nlist=" in stderr
     engine = Engine(store.load(model), device="cpu")
     assert engine.rank([RankQuery([1, 2, 3], 5)])[0].retrieval == "index"
+    args = [sasrec.checkpoint, "--dataset-pickle", sasrec.dataset_pickle, "--index", "ivf"]
     refused = run_import(*args, "--name", "sasrec-tiny-ivf2", "--min-recall", "1.5")
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
         "import_model: --min-recall 1.5: a recall@10 above 0 and at most 1"
     ]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_the_server_says_which_path_answered(imported: tuple[str, str]) -> None:
+    import httpx
+    from conftest import serving
+
+    with serving(imported[0]) as url:
+        info = httpx.post(f"{url}/model_info", json={}, timeout=30).json()
+        assert info["retrieval_index"]["kind"] == "ivf" and info["retrieval_index"]["recall_at_10"] >= 0.95
+        body = {"sequence": ["1", "2", "3"], "topk": 5, "exclude_seen": True}
+        got = httpx.post(f"{url}/recommend", json=body, timeout=30).json()
+        assert got["retrieval"] == "index" and len(got["item_list"]) == 5
+        assert not {"1", "2", "3"} & set(got["item_list"])
+        got = httpx.post(f"{url}/recommend", json={**body, "candidates": ["50", "100"]}, timeout=30).json()
+        assert got["retrieval"] == "exact" and set(got["item_list"]) <= {"50", "100"}
