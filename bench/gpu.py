@@ -16,6 +16,10 @@ once on the CPU and once on CUDA:
   on the CPU (all its cores) and on CUDA, and on CUDA also the plain path (``full_sort_predict``
   and ``torch.topk`` over the whole [batch, items] matrix) for comparison.
 
+On CUDA the engine takes the plain path for batches whose score matrix fits
+``engine.DEVICE_PLAIN_SCORES`` and the chunked top-k above it, so parity and throughput are also
+measured with the chunked top-k forced on every batch (``chunked``).
+
 Prints a table, exits 1 if any parity check fails, and writes JSON to ``--json`` (default
 ``$OUT/gpu.json`` where ``OUT`` is set). Needs no network and no BentoML: RecBole, torch, NumPy.
 """
@@ -23,6 +27,7 @@ Prints a table, exits 1 if any parity check fails, and writes JSON to ``--json``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,7 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +208,20 @@ def chunked_stand_in(engine: Engine) -> Engine:
     return engine
 
 
+@contextlib.contextmanager
+def chunked_always(engine: Engine) -> Iterator[None]:
+    """*engine*'s exact scorers take every batch, however small, while inside."""
+    scorers = [s for s in (engine.block and engine.block.scorer, engine.similar_block) if s is not None]
+    before = [s.min_scores for s in scorers]
+    for scorer in scorers:
+        scorer.min_scores = 0
+    try:
+        yield
+    finally:
+        for scorer, value in zip(scorers, before, strict=True):
+            scorer.min_scores = value
+
+
 def scorer_name(engine: Engine) -> str:
     return type(engine.block.scorer).__name__ if engine.block is not None else "plain"
 
@@ -243,7 +262,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="recbole-bento-gpu-", dir=args.work) as work:
         for n_items in (int(n) for n in args.items.split(",")):
             entry = catalogue(n_items, Path(work), cuda, batches, args, lambda text: say(started, text))
-            ok &= entry["parity"]["ok"]
+            ok &= entry["parity"]["ok"] and entry["parity_chunked"]["ok"]
             report["catalogues"].append(entry)
             print(json.dumps(entry), flush=True)
             if target is not None:  # after each catalogue: what was measured survives a cut-off
@@ -285,11 +304,19 @@ def catalogue(
         gpu = chunked_stand_in(Engine(load_artifact(directory), device="cpu"))
     entry.update(cpu_path=scorer_name(cpu), cuda_path=scorer_name(gpu))
     log("parity")
-    entry["parity"] = check_parity(cpu, gpu, parity_queries(cpu, 64, n_items), args.rtol)
-    log(f"parity {'OK' if entry['parity']['ok'] else 'FAILED'}; throughput on the CPU")
+    queries = parity_queries(cpu, 64, n_items)
+    entry["parity"] = check_parity(cpu, gpu, queries, args.rtol)
+    with chunked_always(gpu):
+        entry["parity_chunked"] = check_parity(cpu, gpu, queries, args.rtol)
+    verdict = "OK" if entry["parity"]["ok"] and entry["parity_chunked"]["ok"] else "FAILED"
+    log(f"parity {verdict}; throughput on the CPU")
     rows = throughput(cpu, batches, args.topk, args.budget, plain=False)
     log("throughput on CUDA" if cuda else f"throughput as '{STAND_IN}'")
-    rows += throughput(gpu, batches, args.topk, args.budget, plain=True, label=None if cuda else STAND_IN)
+    label = None if cuda else STAND_IN
+    rows += throughput(gpu, batches, args.topk, args.budget, plain=True, label=label)
+    with chunked_always(gpu):
+        forced = throughput(gpu, batches, args.topk, args.budget, plain=False, label=label)
+    rows += [{**row, "path": "chunked"} for row in forced]
     entry["throughput"] = rows
     if cuda:
         entry["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
@@ -305,18 +332,22 @@ def table(report: dict) -> str:
     for entry in report["catalogues"]:
         for row in entry["throughput"]:
             path = "full_sort_predict + topk"
-            if row["path"] == "engine":
-                path = f"Engine.rank ({entry['cpu_path'] if row['device'] == 'cpu' else entry['cuda_path']})"
+            if row["path"] == "chunked":
+                path = "Engine.rank (ChunkedTopK on every batch)"
+            elif row["path"] == "engine":
+                path = "Engine.rank, as served" + (" (BlockTopK)" if row["device"] == "cpu" else "")
             lines.append(
                 f"| {entry['items']:,} | {row['device']} | {path} | {row['batch']} | {row['seq_s']:,.1f} "
                 f"| {row['ms_per_batch']} |"
             )
-        p = entry["parity"]
+        p, c = entry["parity"], entry["parity_chunked"]
         peak = f"; CUDA peak {entry['cuda_peak_mb']} MB" if "cuda_peak_mb" in entry else f" ({STAND_IN})"
         notes.append(
             f"parity {entry['items']:,} items: {'OK' if p['ok'] else 'FAILED'} ({p['rows']} rows, "
             f"{p['rows_with_identical_items']} with identical item lists, largest score difference "
-            f"{p['max_abs_score_diff']:.2e}){peak}"
+            f"{p['max_abs_score_diff']:.2e}); chunked on every batch: {'OK' if c['ok'] else 'FAILED'} "
+            f"({c['rows_with_identical_items']} identical, "
+            f"largest difference {c['max_abs_score_diff']:.2e}){peak}"
         )
     return "\n".join(lines + [""] + notes + [f"total {report['total_s']} s"])
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbole_bento.core.blockwise import BlockTopK, ChunkedTopK, _bf16_blocks, _PackedBlocks
-from recbole_bento.core.engine import Engine, block_ranker, exact_scorer
+from recbole_bento.core.blockwise import BlockTopK, ChunkedTopK, _bf16_blocks, _PackedBlocks, native_bf16
+from recbole_bento.core.engine import DEVICE_PLAIN_SCORES, Engine, block_ranker, exact_scorer
 from recbole_bento.core.models import MODEL_SPECS
 from recbole_bento.core.ranking import RankQuery, apply_masks
 
@@ -102,13 +102,15 @@ def test_block_topk_equals_plain_path(
 
 @pytest.mark.parametrize("n_items", [5000, 4096])
 def test_bfloat16_blocks_are_packed_and_multiply_as_torch_mm(n_items: int) -> None:
-    """Pass 1's bfloat16 weights: oneDNN-packed on this CPU build, with torch.mm's products for every
-    block (a ragged tail included) and batch size."""
+    """Pass 1's bfloat16 weights, with torch.mm's products for every block (a ragged tail included)
+    and batch size: oneDNN-packed on a CPU that multiplies bfloat16 in hardware; elsewhere the
+    packed product may differ from torch.mm's, and then the plain slices are kept."""
     gen = torch.Generator().manual_seed(n_items)
     table = torch.randn(n_items, 64, generator=gen)
     blocks = _bf16_blocks(table, 1024)
     assert torch.backends.mkldnn.is_available()
-    assert isinstance(blocks, _PackedBlocks), "pass 1 fell back to unpacked torch.mm"
+    if native_bf16():
+        assert isinstance(blocks, _PackedBlocks), "pass 1 fell back to unpacked torch.mm"
     low = table.to(torch.bfloat16)
     for batch in (1, 7, 64):
         q = torch.randn(batch, 64, generator=gen).to(torch.bfloat16)
@@ -151,13 +153,18 @@ def test_chunked_topk_equals_plain_path(n_items: int, chunk_items: int, batch: i
 
 
 def test_exact_scorer_follows_the_table_device() -> None:
-    """A CPU table gets the block top-k; a table on any other device the chunked one. (A meta
-    tensor stands in for a device table: no data, so nothing is computed at construction.)"""
+    """A CPU table gets the block top-k; a table on any other device the chunked one, which leaves
+    batches whose whole score matrix fits the budget to the plain path. (A meta tensor stands in
+    for a device table: no data, so nothing is computed at construction.)"""
     assert isinstance(exact_scorer(torch.randn(40_000, 8), 40_000, 8192), BlockTopK)
     scorer = exact_scorer(torch.empty(40_000, 8, device="meta"), 40_000, 8192)
-    assert isinstance(scorer, ChunkedTopK) and scorer.min_scores == 0
+    assert isinstance(scorer, ChunkedTopK) and scorer.min_scores == DEVICE_PLAIN_SCORES
     with pytest.raises(ValueError, match="chunk_items"):
         ChunkedTopK(torch.randn(4, 2), 4, chunk_items=0)
+    small = ChunkedTopK(torch.randn(100, 8), 100, chunk_items=30, min_scores=2 * 100 + 1)
+    q, queries = torch.randn(2, 8), [RankQuery([1], 5), RankQuery([2], 5)]
+    assert small.topk(q, queries, 5) is None  # 2 x 100 scores: the plain path's batch
+    assert small.topk(q, queries, 5, force=True)[0].shape == (2, 5)
 
 
 def test_excluding_everything_but_a_few_items_still_returns_them() -> None:

@@ -370,16 +370,20 @@ class ChunkedTopK:
 
     No bounds and no second pass, unlike ``BlockTopK``: a GPU scores a [B, chunk] block faster than
     the host could decide which blocks to skip, and ``torch.topk`` there is fast. Chunking only keeps
-    the score matrix to ``B x chunk_items`` (a 64 x 10M one would be 2.6 GB of device memory).
-    Same interface as ``BlockTopK`` (``topk``, ``n_items``, ``min_scores``)."""
+    the score matrix to ``B x chunk_items``; each chunk costs its own launches and a merge, so a
+    batch whose whole matrix stays under *min_scores* is left to the plain path (``topk`` declines
+    it, as ``BlockTopK``'s does). Same interface as ``BlockTopK`` (``topk``, ``n_items``,
+    ``min_scores``)."""
 
-    def __init__(self, table: torch.Tensor, n_items: int, chunk_items: int = 1 << 20) -> None:
+    def __init__(
+        self, table: torch.Tensor, n_items: int, chunk_items: int = 1 << 20, min_scores: int = 0
+    ) -> None:
         if chunk_items <= 0:
             raise ValueError(f"chunk_items must be positive, not {chunk_items}")
         self.table = table
         self.n_items = n_items
         self.chunk = chunk_items
-        self.min_scores = 0  # any batch: a small one costs the device no more than the plain path
+        self.min_scores = min_scores  # smaller batches (batch x n_items) take the plain path
 
     def topk(
         self,
@@ -390,7 +394,9 @@ class ChunkedTopK:
         compile_filter: FilterCompiler | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(values, indices), each [B, k] and sorted like torch.topk (masked items score -inf, as
-        in the plain path). *force* is ``BlockTopK.topk``'s; this path never declines a batch."""
+        in the plain path); None for a batch under ``min_scores`` unless *force*."""
+        if not force and len(queries) * self.n_items < self.min_scores:
+            return None
         k = min(k, self.n_items)
         mask = BatchMask(queries, self.n_items, q.device, compile_filter)
         values, ids = [], []
