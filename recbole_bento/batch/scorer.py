@@ -23,8 +23,6 @@ from ..schemas import RecommendRequest
 from ..settings import SETTINGS
 
 # the answer columns added to every row, in every format
-
-
 ADDED = pa.schema(
     [
         ("item_list", pa.list_(pa.string())),
