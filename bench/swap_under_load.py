@@ -12,7 +12,9 @@
    of the answers, whether the answer equals what the model it names answers for that request (an
    engine of each model in this process); p99 of the requests sent while a swap was in progress
    vs the steady p99.
-3. The A/B split: routes control 90 / treatment 10; 10,000 keys sent as ``assignment_key``: the
+3. The shadow's cost: steady load without and with a GRU4Rec shadow, alternated A B A B, and the
+   shadow's metrics (overlap, dropped requests).
+4. The A/B split: routes control 90 / treatment 10; 10,000 keys sent as ``assignment_key``: the
    share of each variant; then every key again, and again after a server restart: the same variant
    each time (2 API workers answer, the kernel spreads the connections).
 """
@@ -169,6 +171,33 @@ def phase(url, payloads, args, routes, reference, label) -> dict:
     return out
 
 
+def set_routes(url: str, routes: dict) -> None:
+    import httpx
+
+    answer = httpx.post(
+        f"{url}/admin/routes", json=routes, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=180
+    )
+    answer.raise_for_status()
+
+
+def shadow_metrics(url: str) -> dict:
+    """The shadow's counters on /metrics: overlap observations, their mean, dropped requests."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"overlap_count": 0.0, "overlap_sum": 0.0, "dropped": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "recbole_bento_shadow_overlap_count":
+                totals["overlap_count"] += sample.value
+            elif sample.name == "recbole_bento_shadow_overlap_sum":
+                totals["overlap_sum"] += sample.value
+            elif sample.name == "recbole_bento_shadow_dropped_total":
+                totals["dropped"] += sample.value
+    count = totals["overlap_count"]
+    return {**totals, "mean_overlap": round(totals["overlap_sum"] / count, 3) if count else None}
+
+
 def split(url: str, keys: list[str]) -> list[str]:
     import httpx
 
@@ -209,10 +238,18 @@ def main() -> int:
     result: dict = {"models": tags, "concurrency": args.concurrency, "phases": []}
     same = [{"variants": {"main": tags["b"]}}, {"variants": {"main": tags["a"]}}]
     other = [{"variants": {"main": tags["other"]}}, {"variants": {"main": tags["a"]}}]
+    plain = {"variants": {"main": tags["a"]}}
+    shadowed = {**plain, "shadow": tags["other"]}
     with local_server(tags["a"], env=env, log_path=WORK / "serve.log") as url:
         for label, routes in (("steady", None), ("swaps, same class", same), ("steady", None),
                               ("swaps, another class", other)):  # fmt: skip
             result["phases"].append(phase(url, payloads, args, routes, reference, label))
+        # the shadow's cost: steady load without and with a shadow model, alternated A B A B
+        for label, routes in (("no shadow", plain), ("shadow", shadowed)) * 2:
+            set_routes(url, routes)
+            result["phases"].append(phase(url, payloads, args, None, reference, f"steady, {label}"))
+        result["shadow_metrics"] = shadow_metrics(url)
+        print(json.dumps(result["shadow_metrics"]), flush=True)
     keys = [f"user-{i}" for i in range(args.keys)]
     ab = {
         "variants": {

@@ -442,6 +442,8 @@ class AdminApp:
         headers = [(b"content-type", b"application/json")]
         if status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
+        if status == 405:
+            headers.append((b"allow", b"GET, POST"))
         raw = json.dumps(body).encode()
         headers.append((b"content-length", str(len(raw)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
