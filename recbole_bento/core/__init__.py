@@ -1,1 +1,3 @@
-"""What serving does without HTTP: stored model, models table, inference, ranking, import."""
+"""Everything that knows nothing of HTTP: the stored model and the per-model table, import,
+inference and ranking, planning and answering requests, item attributes and the catalogue,
+retrieval indexes, routes between models, session stores."""
