@@ -284,6 +284,9 @@ def test_unusable_store_settings_are_refused(spec, tmp_path):
     assert store_address(None) == store_address("") == ("sqlite", None)
     assert store_address("sqlite:///var/s.db") == ("sqlite", "/var/s.db")
     assert store_address("rediss://:pw@cache:6380/2") == ("redis", "rediss://:pw@cache:6380/2")
+    with pytest.raises(StoreError) as refused:
+        store_address("redis://:secret@cache:port/0")
+    assert "secret" not in str(refused.value) and ":***@" in str(refused.value)
 
 
 # ------------------------------------------------------------------ hostile stored data

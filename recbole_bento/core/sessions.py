@@ -120,16 +120,17 @@ def store_address(spec: str | None) -> tuple[str, str | None]:
     if not spec:
         return "sqlite", None
     parts = urlsplit(spec)
+    shown = spec.replace(f":{parts.password}@", ":***@") if parts.password else spec  # no password in logs
     try:
         parts.port  # noqa: B018  (a port that is not a number raises here)
     except ValueError as exc:
-        raise StoreError(f"RECBOLE_BENTO_SESSION_STORE={spec!r}: {exc}") from None
+        raise StoreError(f"RECBOLE_BENTO_SESSION_STORE={shown!r}: {exc}") from None
     if parts.scheme in ("redis", "rediss") and parts.hostname:
         return "redis", spec
     if parts.scheme == "sqlite" and spec.startswith("sqlite:///") and len(spec) > len("sqlite:///"):
         return "sqlite", spec.removeprefix("sqlite://")
     raise StoreError(
-        f"RECBOLE_BENTO_SESSION_STORE={spec!r}: use redis://host:port/db, sqlite:///absolute/path, "
+        f"RECBOLE_BENTO_SESSION_STORE={shown!r}: use redis://host:port/db, sqlite:///absolute/path, "
         "or leave it unset for SQLite under the BentoML home"
     )
 
