@@ -14,7 +14,8 @@
    vs the steady p99.
 3. The shadow's cost: steady load without and with a GRU4Rec shadow, alternated A B A B, and the
    shadow's metrics (overlap, dropped requests).
-4. The A/B split: routes control 90 / treatment 10; 10,000 keys sent as ``assignment_key``: the
+4. Memory: the server's RSS once the swaps settled, against a fresh server with the same routes.
+5. The A/B split: routes control 90 / treatment 10; 10,000 keys sent as ``assignment_key``: the
    share of each variant; then every key again, and again after a server restart: the same variant
    each time (2 API workers answer, the kernel spreads the connections).
 """
@@ -171,6 +172,16 @@ def phase(url, payloads, args, routes, reference, label) -> dict:
     return out
 
 
+def settled_rss_mb(url: str, payloads: list[dict], args: argparse.Namespace) -> float:
+    """The server's resident memory (every process) after 5 s of light load and a quiet 5 s: time
+    for a swapped-out model's last requests to finish and its memory to be returned."""
+    from load_test import rss_bytes, serving_processes
+
+    asyncio.run(load(url, payloads, 4, 5.0, [], []))
+    time.sleep(5)
+    return round(rss_bytes(serving_processes(url)) / 2**20, 1)
+
+
 def set_routes(url: str, routes: dict) -> None:
     import httpx
 
@@ -250,6 +261,12 @@ def main() -> int:
             result["phases"].append(phase(url, payloads, args, None, reference, f"steady, {label}"))
         result["shadow_metrics"] = shadow_metrics(url)
         print(json.dumps(result["shadow_metrics"]), flush=True)
+        set_routes(url, plain)  # the memory after the swaps settle, against a fresh server's
+        result["rss_after_swaps_mb"] = settled_rss_mb(url, payloads, args)
+    with local_server(tags["a"], env=env, log_path=WORK / "serve-fresh.log") as url:
+        result["rss_fresh_mb"] = settled_rss_mb(url, payloads, args)
+    result["rss_ratio"] = round(result["rss_after_swaps_mb"] / result["rss_fresh_mb"], 3)
+    print(json.dumps({k: result[k] for k in ("rss_after_swaps_mb", "rss_fresh_mb", "rss_ratio")}), flush=True)
     keys = [f"user-{i}" for i in range(args.keys)]
     ab = {
         "variants": {

@@ -238,7 +238,7 @@ class Host:
         if self.state is None:
             return await self.apply(routes, self.registry.current.generation + 1)
         with await asyncio.to_thread(self.state.lock):
-            on_file = await asyncio.to_thread(self.state.read)
+            on_file = await asyncio.to_thread(self.state.read_or_none)
             generation = max(self.registry.current.generation, on_file[0] if on_file else 0) + 1
             snapshot = await self.apply(routes, generation)
             self.state.write(generation, routes)
