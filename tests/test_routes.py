@@ -514,3 +514,16 @@ def test_without_a_shadow_no_background_work():
     path = RequestPath(routing.Registry(two_variants()), retry_after_s=1, shadow=variants.Shadow())
     response = asyncio.run(path.respond([recommend()], batch=False))
     assert response.background is None
+
+
+def test_a_worker_that_cannot_follow_makes_the_admin_call_fail_naming_it(tmp_path: Path):
+    load, _ = fake_loads()
+    host = host_for(tmp_path, load)
+    host._siblings = lambda: [424242]  # another worker of this server, which failed the load
+    (tmp_path / "ack-424242.json").write_text(
+        json.dumps({"generation": 1, "result": "failed: m:2: no memory"})
+    )
+    app = variants.AdminApp(lambda: host, "t")
+    status, answer, _ = call(app, "POST", "/admin/routes", b'{"variants": {"a": "m:2"}}', "t")
+    assert status == 500 and answer["generation"] == 1
+    assert "not by every other one (worker 424242: failed: m:2: no memory)" in answer["error"]
