@@ -337,10 +337,14 @@ class Host:
 
 
 def release_memory() -> None:
-    """Hand freed heap memory back to the system: glibc keeps it for reuse otherwise."""
+    """Hand freed memory back: glibc keeps freed heap for reuse, torch's CUDA allocator its blocks."""
+    import torch
+
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class Hosted:
