@@ -140,15 +140,15 @@ def test_skewed_norms_and_scales(low_precision: bool) -> None:
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_chunked_topk_equals_plain_path(n_items: int, chunk_items: int, batch: int) -> None:
     """The accelerator's exact top-k (engine.exact_scorer off the CPU), run here on the CPU: the
-    same rows and masks as the block top-k above, chunks from one to thousands, ragged tails, and
-    chunks narrower than k."""
+    same rows and masks as the block top-k above, the whole catalogue in one chunk or in chunks of
+    thousands of items, ragged tails, and chunks narrower than k."""
     gen = torch.Generator().manual_seed(n_items + chunk_items + batch)
     table = torch.randn(n_items, 64, generator=gen) * 0.05
     q = torch.randn(batch, 64, generator=gen)
     best = torch.topk(q @ table.T, 10, dim=1).indices.tolist()
     queries = random_queries(n_items, batch, gen, best)
     k = max(x.topk for x in queries)
-    got = ChunkedTopK(table, n_items, chunk_items=chunk_items).topk(q, queries, k)
+    got = ChunkedTopK(table, n_items, max_scores=chunk_items * batch).topk(q, queries, k)
     assert_same(got, plain(q, table, queries, k), queries)
 
 
@@ -159,9 +159,9 @@ def test_exact_scorer_follows_the_table_device() -> None:
     assert isinstance(exact_scorer(torch.randn(40_000, 8), 40_000, 8192), BlockTopK)
     scorer = exact_scorer(torch.empty(40_000, 8, device="meta"), 40_000, 8192)
     assert isinstance(scorer, ChunkedTopK) and scorer.min_scores == DEVICE_PLAIN_SCORES
-    with pytest.raises(ValueError, match="chunk_items"):
-        ChunkedTopK(torch.randn(4, 2), 4, chunk_items=0)
-    small = ChunkedTopK(torch.randn(100, 8), 100, chunk_items=30, min_scores=2 * 100 + 1)
+    with pytest.raises(ValueError, match="max_scores"):
+        ChunkedTopK(torch.randn(4, 2), 4, max_scores=0)
+    small = ChunkedTopK(torch.randn(100, 8), 100, max_scores=60, min_scores=2 * 100 + 1)
     q, queries = torch.randn(2, 8), [RankQuery([1], 5), RankQuery([2], 5)]
     assert small.topk(q, queries, 5) is None  # 2 x 100 scores: the plain path's batch
     assert small.topk(q, queries, 5, force=True)[0].shape == (2, 5)

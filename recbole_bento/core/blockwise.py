@@ -364,25 +364,26 @@ def same_topk(
 
 
 class ChunkedTopK:
-    """Exact masked top-k of ``q @ table[:n_items].T`` on an accelerator: the catalogue a column
-    chunk at a time, each chunk's fp32 scores masked and cut to its own top-k, then the chunks'
-    top-k merged (the k best items overall are among the k best of their own chunk).
+    """Exact masked top-k of ``q @ table[:n_items].T`` on an accelerator: the catalogue in column
+    chunks of ``max_scores // batch`` items (the whole catalogue where that fits), each chunk's fp32
+    scores masked and cut to its own top-k, then the chunks' top-k merged (the k best items overall
+    are among the k best of their own chunk).
 
     No bounds and no second pass, unlike ``BlockTopK``: a GPU scores a [B, chunk] block faster than
     the host could decide which blocks to skip, and ``torch.topk`` there is fast. Chunking only keeps
-    the score matrix to ``B x chunk_items``; each chunk costs its own launches and a merge, so a
-    batch whose whole matrix stays under *min_scores* is left to the plain path (``topk`` declines
-    it, as ``BlockTopK``'s does). Same interface as ``BlockTopK`` (``topk``, ``n_items``,
-    ``min_scores``)."""
+    the score matrix to *max_scores*; each chunk costs its own launches, a host sync (the masks) and
+    a merge, so chunks are as wide as that allows, and a batch whose whole matrix stays under
+    *min_scores* is left to the plain path (``topk`` declines it, as ``BlockTopK``'s does). Same
+    interface as ``BlockTopK`` (``topk``, ``n_items``, ``min_scores``)."""
 
     def __init__(
-        self, table: torch.Tensor, n_items: int, chunk_items: int = 1 << 20, min_scores: int = 0
+        self, table: torch.Tensor, n_items: int, max_scores: int = 1 << 30, min_scores: int = 0
     ) -> None:
-        if chunk_items <= 0:
-            raise ValueError(f"chunk_items must be positive, not {chunk_items}")
+        if max_scores <= 0:
+            raise ValueError(f"max_scores must be positive, not {max_scores}")
         self.table = table
         self.n_items = n_items
-        self.chunk = chunk_items
+        self.max_scores = max_scores
         self.min_scores = min_scores  # smaller batches (batch x n_items) take the plain path
 
     def topk(
@@ -399,9 +400,10 @@ class ChunkedTopK:
             return None
         k = min(k, self.n_items)
         mask = BatchMask(queries, self.n_items, q.device, compile_filter)
+        chunk = max(1, self.max_scores // max(1, q.shape[0]))
         values, ids = [], []
-        for start in range(0, self.n_items, self.chunk):
-            end = min(start + self.chunk, self.n_items)
+        for start in range(0, self.n_items, chunk):
+            end = min(start + chunk, self.n_items)
             scores = torch.mm(q, self.table[start:end].T)  # fp32, as full_sort_predict's product
             mask.apply(scores, start)
             top = torch.topk(scores, min(k, end - start), dim=1)
