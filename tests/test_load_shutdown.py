@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -346,11 +346,29 @@ def _workers(server: Server, service: str) -> list[psutil.Process]:
     return out
 
 
+def _ready(url: str) -> Callable[[], Awaitable[bool]]:
+    """An async check: /readyz answers 200 (on a fresh connection)."""
+
+    async def check() -> bool:
+        async with httpx.AsyncClient(timeout=2) as http:
+            with contextlib.suppress(httpx.HTTPError):
+                return (await http.get(f"{url}/readyz", headers={"connection": "close"})).status_code == 200
+        return False
+
+    return check
+
+
 async def _kill_under_load(
-    server: Server, victim: psutil.Process, bodies: list[dict], seconds: float
+    server: Server,
+    victim: psutil.Process,
+    bodies: list[dict],
+    seconds: float,
+    recovered: Callable[[], Awaitable[bool]],
 ) -> dict:
-    """20 clients post /recommend for *seconds*; *victim* gets SIGKILL after 3 s. Returns each
-    answer (time after the kill, status, Retry-After, body), failures, and when /readyz said 503."""
+    """20 clients post /recommend; *victim* gets SIGKILL after 3 s; the clients stop 2 s after
+    *recovered* (polled from the kill on) says the service is whole again, or *seconds* after the
+    start. Returns each answer (time after the kill, status, Retry-After, body), failures, when
+    /readyz said 503, and when the service had recovered (None: not within *seconds*)."""
     answers: list[tuple[float, int, str | None, str]] = []
     failures: list[tuple[float, str]] = []
     killed_at = time.monotonic() + 3
@@ -370,13 +388,21 @@ async def _kill_under_load(
                     await asyncio.sleep(0.05)
                 i += 20
 
-    async def kill() -> float | None:
+    async def kill() -> tuple[float | None, float | None]:
+        nonlocal stop_at
         await asyncio.sleep(max(0.0, killed_at - time.monotonic()))
         victim.send_signal(signal.SIGKILL)
-        return await _first_status(server.url, 503, 2)
+        unready = await _first_status(server.url, 503, 2)
+        while time.monotonic() < stop_at:
+            if await recovered():
+                back = time.monotonic() - killed_at
+                stop_at = min(stop_at, time.monotonic() + 2)  # answers after the recovery, then stop
+                return unready, back
+            await asyncio.sleep(0.1)
+        return unready, None
 
-    *_, unready = await asyncio.gather(*(client(n) for n in range(20)), kill())
-    return {"answers": answers, "failures": failures, "readyz_503_s": unready}
+    *_, (unready, back) = await asyncio.gather(*(client(n) for n in range(20)), kill())
+    return {"answers": answers, "failures": failures, "readyz_503_s": unready, "recovered_s": back}
 
 
 @pytest.mark.server
@@ -395,7 +421,7 @@ def test_killed_model_worker_gives_503_with_retry_after_then_serves_again(sasrec
     bodies = [{"sequence": tokens[k : k + 20], "topk": 10} for k in range(0, 400, 3)]
     try:
         (ranker,) = _workers(server, "recbole_ranker")
-        report = asyncio.run(_kill_under_load(server, ranker, bodies, 30))
+        report = asyncio.run(_kill_under_load(server, ranker, bodies, 30, _ready(server.url)))
     finally:
         server.kill()
     log = server.log.read_text()
@@ -447,7 +473,14 @@ def test_killed_inprocess_worker_is_replaced_while_the_other_serves(sasrec, sasr
     try:
         before = _workers(server, "recbole_recommender")
         assert len(before) == 2 and not _workers(server, "recbole_ranker")
-        report = asyncio.run(_kill_under_load(server, before[0], bodies, 12))
+
+        ready = _ready(server.url)
+
+        async def replaced_and_ready() -> bool:
+            fresh = {p.pid for p in _workers(server, "recbole_recommender")} - {q.pid for q in before}
+            return bool(fresh) and await ready()
+
+        report = asyncio.run(_kill_under_load(server, before[0], bodies, 12, replaced_and_ready))
         replaced = [
             p for p in _workers(server, "recbole_recommender") if p.pid not in {q.pid for q in before}
         ]
