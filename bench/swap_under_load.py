@@ -209,16 +209,25 @@ def shadow_metrics(url: str) -> dict:
     return {**totals, "mean_overlap": round(totals["overlap_sum"] / count, 3) if count else None}
 
 
-def split(url: str, keys: list[str]) -> list[str]:
-    import httpx
+def split(url: str, keys: list[str], concurrency: int = 16) -> list[str]:
+    """The variant that answers each key (as ``assignment_key``), *concurrency* requests at a time."""
+    import aiohttp
 
-    with httpx.Client(base_url=url, timeout=60) as client:
-        return [
-            client.post("/recommend", json={"sequence": ["1"], "topk": 1, "assignment_key": k}).json()[
-                "variant"
-            ]
-            for k in keys
-        ]
+    variants: list[str] = [""] * len(keys)
+
+    async def run() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+            async def client(start: int) -> None:
+                for i in range(start, len(keys), concurrency):
+                    body = {"sequence": ["1"], "topk": 1, "assignment_key": keys[i]}
+                    async with session.post(f"{url}/recommend", json=body) as response:
+                        variants[i] = (await response.json(content_type=None))["variant"]
+
+            await asyncio.gather(*(client(i) for i in range(concurrency)))
+
+    asyncio.run(run())
+    return variants
 
 
 def main() -> int:
