@@ -33,7 +33,13 @@ _trained: dict[tuple, Trained] = {}
 # test that needs a trained model is slow, one that needs a running server is a server test. Tests
 # that start a server of their own (``serving``) carry ``@pytest.mark.server`` themselves.
 SLOW_FIXTURES = {"train_tiny"}
-SERVER_FIXTURES = {"sasrec_server", "sasrec_split_server", "layout_server", "gru4rec_split_server"}
+SERVER_FIXTURES = {
+    "sasrec_server",
+    "sasrec_split_server",
+    "layout_server",
+    "gru4rec_split_server",
+    "sasrec_items_server",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -157,6 +163,42 @@ def sasrec_server(sasrec_tag: str) -> Iterator[str]:
 def sasrec_split_server(sasrec_tag: str) -> Iterator[str]:
     """The same model behind the two-service topology (public service -> Ranker)."""
     with serving(sasrec_tag, RECBOLE_BENTO_TOPOLOGY="split") as url:
+        yield url
+
+
+# An item title that is HTML: the playground must show it as text (tests/test_playground.py); to the
+# filters and /items it is one more attribute value.
+HOSTILE_TITLE = "<img src=x onerror=window.__pwned=1> Evil <script>window.__pwned=2</script>"
+
+
+@pytest.fixture(scope="session")
+def item_file(ml100k_subset: Path, workdir: Path) -> Path:
+    """The subset's ml-100k.item (genres as ``class``, ``release_year``, ``movie_title``), with
+    item 1's title replaced by HOSTILE_TITLE."""
+    lines = (ml100k_subset / "ml-100k" / "ml-100k.item").read_text().splitlines()
+    header = lines[0].split("\t")
+    title = header.index("movie_title:token_seq")
+    rows = [line.split("\t") for line in lines[1:]]
+    for row in rows:
+        if row[0] == "1":
+            row[title] = HOSTILE_TITLE
+    path = workdir / "items" / "ml-100k.item"
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(["\t".join(header)] + ["\t".join(row) for row in rows]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sasrec_items_tag(sasrec: Trained, item_file: Path) -> str:
+    """SASRec imported with *item_file*'s columns as filterable attributes."""
+    args = ("--dataset-pickle", sasrec.dataset_pickle, "--item-features", item_file, "--name", "sasrec-items")
+    return import_ok(sasrec.checkpoint, *args)
+
+
+@pytest.fixture(scope="session")
+def sasrec_items_server(sasrec_items_tag: str) -> Iterator[str]:
+    """The model with attributes, served (filters, /similar_items, /items, the playground)."""
+    with serving(sasrec_items_tag) as url:
         yield url
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import import_ok, serving
+from conftest import HOSTILE_TITLE, serving
 
 pytestmark = pytest.mark.server
 
-HOSTILE = "<img src=x onerror=window.__pwned=1> Evil <script>window.__pwned=2</script>"
+HOSTILE = HOSTILE_TITLE
 HISTORY = ["1", "50", "181"]  # 1 is the item whose title is HOSTILE
 CHROMIUM_ARGS = [
     "--headless",
@@ -40,28 +40,9 @@ def post(url: str, path: str, body: object) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def shop(sasrec, ml100k_subset, tmp_path_factory) -> Iterator[SimpleNamespace]:
-    """SASRec imported with ml-100k.item as its attributes, item 1's title replaced by HOSTILE."""
-    lines = (ml100k_subset / "ml-100k" / "ml-100k.item").read_text().splitlines()
-    header = lines[0].split("\t")
-    title = header.index("movie_title:token_seq")
-    rows = [line.split("\t") for line in lines[1:]]
-    for row in rows:
-        if row[0] == "1":
-            row[title] = HOSTILE
-    item_file = tmp_path_factory.mktemp("hostile") / "ml-100k.item"
-    item_file.write_text("\n".join(["\t".join(header)] + ["\t".join(row) for row in rows]) + "\n")
-    tag = import_ok(
-        sasrec.checkpoint,
-        "--dataset-pickle",
-        sasrec.dataset_pickle,
-        "--item-features",
-        item_file,
-        "--name",
-        "sasrec-playground",
-    )
-    with serving(tag) as url:
-        yield SimpleNamespace(url=url, tag=tag)
+def shop(sasrec_items_tag: str, sasrec_items_server: str) -> SimpleNamespace:
+    """SASRec with ml-100k.item as its attributes, item 1's title HOSTILE (the session's server)."""
+    return SimpleNamespace(url=sasrec_items_server, tag=sasrec_items_tag)
 
 
 # ------------------------------------------------------------------ the files, over HTTP
@@ -180,9 +161,9 @@ def _recommend(page) -> None:
     page.wait_for_selector("#answers .answer li.item")
 
 
-def test_the_page_answers_as_the_api_does(browser_page):
+def test_the_page_answers_as_the_api_does(browser_page, shop):
     page, url = browser_page.page, browser_page.url
-    assert page.text_content("#model").startswith("sasrec-playground:")
+    assert page.text_content("#model").startswith(f"{shop.tag} · SASRec")
     for item in HISTORY:
         _pick(page, item)
     page.fill("#topk", "5")

@@ -13,7 +13,6 @@ import csv
 import gc
 import json
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_topk, import_ok, recbole_reference, run_import, scrape, server_log, serving
+from conftest import assert_same_topk, recbole_reference, run_import, scrape, server_log
 
 from devtools.training import QUIET_CPU
 from recbole_bento.core import attributes
@@ -291,22 +290,12 @@ ITEM_ATTRS = ("class", "release_year")
 
 
 @pytest.fixture(scope="module")
-def shop(sasrec, ml100k_subset) -> Iterator[SimpleNamespace]:
-    """SASRec imported with the ml-100k item file as its attributes, served."""
-    item_file = ml100k_subset / "ml-100k" / "ml-100k.item"
-    tag = import_ok(
-        sasrec.checkpoint,
-        "--dataset-pickle",
-        sasrec.dataset_pickle,
-        "--item-features",
-        item_file,
-        "--name",
-        "sasrec-shop",
+def shop(sasrec_items_tag, sasrec_items_server, item_file) -> SimpleNamespace:
+    """SASRec imported with the ml-100k item file as its attributes, served (the session's)."""
+    tag = sasrec_items_tag
+    return SimpleNamespace(
+        url=sasrec_items_server, tag=tag, table=_unit_table(tag), tokens=_tokens(tag), item_file=item_file
     )
-    with serving(tag) as url:
-        yield SimpleNamespace(
-            url=url, tag=tag, table=_unit_table(tag), tokens=_tokens(tag), item_file=item_file
-        )
 
 
 def _tokens(tag: str) -> list[str]:
