@@ -184,6 +184,8 @@ _COLUMNS = ["id", "items", "user_id", "touched"]
 class SQLiteStore:
     """Sessions in one SQLite file in WAL mode, shared by the processes that open it."""
 
+    CHECKPOINT_EVERY = 200  # appends on the event loop between two checkpoints on the store's thread
+
     def __init__(
         self,
         path: Path,
@@ -207,13 +209,13 @@ class SQLiteStore:
             # timeout=0: a locked file raises at once and _retrying waits, in shorter steps than
             # SQLite's own busy handler, whose waits start at 1 ms (a write holds the lock ~50 us).
             self._db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            self._retrying(self._open)
             # The event loop's own connection: reads (in WAL mode a reader waits for no writer), and
             # appends while no other connection holds the write lock.
             self._loop_db = sqlite3.connect(
                 self.path, timeout=0, isolation_level=None, check_same_thread=False
             )
-            columns = [row[1] for row in self._db.execute("PRAGMA table_info(sessions)")]
+            self._appends = 0
+            columns = self._retrying(self._open)  # several workers open the file at once
         except (sqlite3.Error, OSError) as exc:
             self._thread.shutdown(wait=False)
             raise StoreError(
@@ -226,12 +228,26 @@ class SQLiteStore:
                 "move it away, or point RECBOLE_BENTO_SESSION_STORE elsewhere"
             )
 
-    def _open(self) -> None:
-        db = self._db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint, not each append
-        db.execute("PRAGMA secure_delete=ON")  # erased histories are zeroed, not left in free pages
-        db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+    def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the database (PASSIVE: waits for no reader or writer)."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one catches up
+            logger.warning("session store %s: checkpoint failed: %s", self.name, exc)
+
+    def _open(self) -> list[str]:
+        """WAL mode and the schema; the columns of the sessions table found."""
+        for db in (self._db, self._loop_db):
+            # Per connection: synced at each checkpoint, not each commit (FULL syncs the log at every
+            # append: ~7 ms here); erased histories zeroed, not left in free pages.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA secure_delete=ON")
+        # The loop's commits never checkpoint (a checkpoint writes the database file and syncs it:
+        # milliseconds on the event loop); the store's thread does, every CHECKPOINT_EVERY appends.
+        self._loop_db.execute("PRAGMA wal_autocheckpoint=0")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        return [row[1] for row in self._db.execute("PRAGMA table_info(sessions)")]
 
     def _retrying(self, work: Callable[[], T]) -> T:
         """*work* (a whole transaction, or one statement), run again while another process holds
@@ -260,7 +276,11 @@ class SQLiteStore:
         the store's thread); else on that thread, which waits for the lock."""
         items = list(items)
         try:
-            return self._append(self._loop_db, session_id, items, user_id, keep)
+            session = self._append(self._loop_db, session_id, items, user_id, keep)
+            self._appends += 1
+            if self._appends % self.CHECKPOINT_EVERY == 0:
+                self._thread.submit(self._checkpoint)
+            return session
         except sqlite3.OperationalError as exc:
             if not _busy(exc):
                 raise StoreUnavailable(f"the session store {self.name} failed: {exc}") from None
