@@ -39,31 +39,33 @@ TOKEN = "bench-admin-token"
 
 
 def models() -> dict[str, str]:
-    """The three tags, trained and imported once (recorded in WORK/models.json)."""
+    """The three tags, each trained and imported once (recorded in WORK/models.json as it lands)."""
+    import bentoml
+
     record = WORK / "models.json"
-    if record.exists():
-        tags = json.loads(record.read_text())
-        import bentoml
-
-        try:
-            for tag in tags.values():
-                bentoml.models.get(tag)
-            return tags
-        except Exception:  # the store was removed: import again
-            pass
-    from devtools.training import train
-
-    tags = {}
+    tags = json.loads(record.read_text()) if record.exists() else {}
     for name, model, seed in (("a", "SASRec", 1), ("b", "SASRec", 2), ("other", "GRU4Rec", 1)):
-        print(f"training {model} (seed {seed}) ...", flush=True)
-        trained = train(model, WORK / "ckpt" / name, overrides={"seed": seed})
+        try:
+            bentoml.models.get(tags[name])
+            continue
+        except Exception:  # not trained yet, or the store was removed: (re)made below
+            pass
+        checkpoint = WORK / "ckpt" / name / f"{model}.pth"
+        if checkpoint.exists():
+            pickle = next((WORK / "ckpt" / name).glob("*-dataset.pkl"))
+        else:
+            from devtools.training import train
+
+            print(f"training {model} (seed {seed}) ...", flush=True)
+            trained = train(model, WORK / "ckpt" / name, overrides={"seed": seed})
+            checkpoint, pickle = Path(trained.checkpoint), Path(trained.dataset_pickle)
         out = subprocess.run(
-            [sys.executable, str(ROOT / "import_model.py"), str(trained.checkpoint)]
-            + ["--dataset-pickle", str(trained.dataset_pickle), "--name", f"{model.lower()}-swap-{name}"],
+            [sys.executable, str(ROOT / "import_model.py"), str(checkpoint)]
+            + ["--dataset-pickle", str(pickle), "--name", f"{model.lower()}-swap-{name}"],
             capture_output=True, text=True, check=True, cwd=ROOT,
         )  # fmt: skip
         tags[name] = out.stdout.strip().splitlines()[-1]
-    record.write_text(json.dumps(tags))
+        record.write_text(json.dumps(tags))
     return tags
 
 
