@@ -16,10 +16,9 @@ once on the CPU and once on CUDA:
   on the CPU (all its cores) and on CUDA, and on CUDA also the plain path (``full_sort_predict``
   and ``torch.topk`` over the whole [batch, items] matrix) for comparison.
 
-On CUDA the engine takes the plain path for batches whose score matrix fits
-``engine.DEVICE_PLAIN_SCORES`` and the chunked top-k above it, so parity and throughput are also
-measured with the chunked top-k forced on every batch, in chunks small enough that every batch is
-scored in several (``chunked_always``).
+On CUDA the engine ranks every batch with the chunked top-k, in one chunk while the batch's scores
+fit ``engine.DEVICE_CHUNK_SCORES``, so parity and throughput are also measured with chunks small
+enough that every batch is scored in several and their top-k merged (``chunked_always``).
 
 Prints a table, exits 1 if any parity check fails, and writes JSON to ``--json`` (default
 ``$OUT/gpu.json`` where ``OUT`` is set). Needs no network and no BentoML: RecBole, torch, NumPy.
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recbole_bento.core.artifact import DatasetStub, ServingConfig, load_artifact, write_files  # noqa: E402
 from recbole_bento.core.blockwise import ChunkedTopK  # noqa: E402
-from recbole_bento.core.engine import DEVICE_PLAIN_SCORES, Engine  # noqa: E402
+from recbole_bento.core.engine import DEVICE_CHUNK_SCORES, Engine  # noqa: E402
 from recbole_bento.core.models import spec_for  # noqa: E402
 from recbole_bento.core.ranking import RankQuery, apply_masks  # noqa: E402
 
@@ -205,10 +204,10 @@ def chunked_stand_in(engine: Engine) -> Engine:
     """*engine* (on the CPU) with the exact scorers it would get on CUDA (``engine.exact_scorer``)."""
     if engine.block is not None:
         engine.block.scorer = ChunkedTopK(
-            engine.block.scorer.table, engine.n_items, min_scores=DEVICE_PLAIN_SCORES
+            engine.block.scorer.table, engine.n_items, max_scores=DEVICE_CHUNK_SCORES
         )
     if engine.similar_block is not None:
-        engine.similar_block = ChunkedTopK(engine.unit, engine.n_items, min_scores=DEVICE_PLAIN_SCORES)
+        engine.similar_block = ChunkedTopK(engine.unit, engine.n_items, max_scores=DEVICE_CHUNK_SCORES)
     return engine
 
 

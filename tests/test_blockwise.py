@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from recbole_bento.core.blockwise import BlockTopK, ChunkedTopK, _bf16_blocks, _PackedBlocks, native_bf16
-from recbole_bento.core.engine import DEVICE_PLAIN_SCORES, Engine, block_ranker, exact_scorer
+from recbole_bento.core.engine import DEVICE_CHUNK_SCORES, Engine, block_ranker, exact_scorer
 from recbole_bento.core.models import MODEL_SPECS
 from recbole_bento.core.ranking import RankQuery, apply_masks
 
@@ -158,7 +158,8 @@ def test_exact_scorer_follows_the_table_device() -> None:
     for a device table: no data, so nothing is computed at construction.)"""
     assert isinstance(exact_scorer(torch.randn(40_000, 8), 40_000, 8192), BlockTopK)
     scorer = exact_scorer(torch.empty(40_000, 8, device="meta"), 40_000, 8192)
-    assert isinstance(scorer, ChunkedTopK) and scorer.min_scores == DEVICE_PLAIN_SCORES
+    assert isinstance(scorer, ChunkedTopK)
+    assert (scorer.min_scores, scorer.max_scores) == (0, DEVICE_CHUNK_SCORES)
     with pytest.raises(ValueError, match="max_scores"):
         ChunkedTopK(torch.randn(4, 2), 4, max_scores=0)
     small = ChunkedTopK(torch.randn(100, 8), 100, max_scores=60, min_scores=2 * 100 + 1)

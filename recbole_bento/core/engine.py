@@ -319,19 +319,19 @@ def retrieval_index(model: torch.nn.Module, artifact: Artifact, n_items: int) ->
     return RetrievalIndex.load(artifact.path, n_items, table.shape[1])
 
 
-# On CUDA the plain path (one [batch, items] matrix) outran the chunked top-k at every size measured
-# (docs/benchmarks.md, "exact top-k on CUDA"): chunk only where that matrix would pass 4 GiB of fp32.
-DEVICE_PLAIN_SCORES = 1 << 30
+# On CUDA a batch's scores are one [batch, items] matrix up to 4 GiB of fp32, column chunks above it
+# (docs/benchmarks.md, "The exact top-k on CUDA").
+DEVICE_CHUNK_SCORES = 1 << 30
 
 
 def exact_scorer(table: torch.Tensor, n_items: int, block_items: int) -> BlockTopK | ChunkedTopK:
     """The exact top-k over *table* for the device it lives on: on a CPU the block top-k (bounds
     skip most of the catalogue; below 64 blocks' worth of scores, 0.5M at the default, a 2 MB
-    matrix, the plain path is as fast); elsewhere (CUDA) every item scored a chunk at a time, for
-    batches whose whole score matrix would not fit ``DEVICE_PLAIN_SCORES``."""
+    matrix, the plain path is as fast); elsewhere (CUDA) every batch, its masks built on the device
+    and its items scored in chunks of at most ``DEVICE_CHUNK_SCORES`` scores (one for most)."""
     if table.device.type == "cpu":
         return BlockTopK(table, n_items, block_items, min_scores=64 * block_items)
-    return ChunkedTopK(table, n_items, min_scores=DEVICE_PLAIN_SCORES)
+    return ChunkedTopK(table, n_items, max_scores=DEVICE_CHUNK_SCORES)
 
 
 def block_ranker(engine: Engine, block_items: int, min_items: int | None = None) -> BlockRanker | None:
