@@ -229,6 +229,25 @@ def test_an_sqlite_append_waits_for_another_writer_then_gives_up(tmp_path):
     run(body())
 
 
+def test_a_redis_answer_that_came_while_the_event_loop_was_busy_is_not_late(redis_url):
+    """In-process, the model ranks on the event loop: a 500 ms ranking is not a 200 ms-slow Redis."""
+
+    async def body() -> None:
+        store = RedisStore(redis_url, ttl_s=60, max_sessions=0, timeout_s=0.2, limits=LIMITS, prefix="busy:")
+        await store.append("s", ["1"], None, 5)
+
+        async def ranking() -> None:
+            await asyncio.sleep(0)  # once the read below is sent
+            time.sleep(0.5)  # the model, holding the loop
+
+        busy = asyncio.ensure_future(ranking())
+        assert await store.get("s") == Session(["1"])
+        await busy
+        await store.close()
+
+    run(body())
+
+
 def test_redis_sessions_expire_after_their_ttl(redis_url):
     async def body() -> None:
         store = RedisStore(redis_url, ttl_s=0.3, max_sessions=0, timeout_s=1.0, limits=LIMITS, prefix="ttl:")

@@ -445,7 +445,10 @@ class RedisStore:
         try:
             self._redis = Redis.from_url(
                 url,
-                socket_timeout=timeout_s,
+                # The deadline is _call's; the socket's own is only a backstop: redis-py measures it
+                # on the event loop's clock, and an answer that came while the loop was busy (the
+                # in-process model ranks on it) would count as late.
+                socket_timeout=max(1.0, 10 * timeout_s),
                 socket_connect_timeout=timeout_s,
                 retry=Retry(NoBackoff(), 0),
                 retry_on_timeout=False,
@@ -455,14 +458,27 @@ class RedisStore:
         self._append_script = self._redis.register_script(APPEND_SCRIPT)
 
     async def _call(self, work: Awaitable[T]) -> T:
+        """*work*'s answer, or StoreUnavailable once ``timeout_s`` has passed without one. A deadline
+        that fires late (the event loop was held elsewhere: the in-process model ranks on it) gives
+        one more period: the answer that arrived meanwhile is read, not refused as late. At most
+        twice the timeout, plus whatever held the loop."""
         from redis.exceptions import RedisError
 
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(work)
         try:
-            return await asyncio.wait_for(work, self.timeout_s)
-        except asyncio.TimeoutError:
+            deadline = loop.time() + self.timeout_s
+            await asyncio.wait({task}, timeout=self.timeout_s)
+            if not task.done() and loop.time() - deadline > self.timeout_s / 4:
+                await asyncio.wait({task}, timeout=self.timeout_s)
+            if task.done():
+                return task.result()
             reason = f"no answer within {self.timeout_s * 1000:.0f} ms"
         except (RedisError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
+        finally:
+            if not task.done():
+                task.cancel()  # redis-py drops the connection of a cancelled command
         raise StoreUnavailable(f"the session store {self.name} is unavailable: {reason}")
 
     def _keys(self, session_id: str) -> tuple[str, str]:
