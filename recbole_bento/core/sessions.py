@@ -420,6 +420,8 @@ return {redis.call('LRANGE', items_key, 0, -1), redis.call('GET', user_key)}
 class RedisStore:
     """Sessions in Redis: a list per session, the user id beside it, a sorted set of activity."""
 
+    MAX_PERIODS = 10  # of timeout_s each, while the event loop keeps being held past the deadline
+
     def __init__(
         self,
         url: str,
@@ -458,19 +460,20 @@ class RedisStore:
         self._append_script = self._redis.register_script(APPEND_SCRIPT)
 
     async def _call(self, work: Awaitable[T]) -> T:
-        """*work*'s answer, or StoreUnavailable once ``timeout_s`` has passed without one. A deadline
-        that fires late (the event loop was held elsewhere: the in-process model ranks on it) gives
-        one more period: the answer that arrived meanwhile is read, not refused as late. At most
-        twice the timeout, plus whatever held the loop."""
+        """*work*'s answer, or StoreUnavailable once ``timeout_s`` has passed without one while the
+        event loop was free. A deadline that fires late (the loop was held elsewhere: the in-process
+        model ranks on it) starts another period: the answer that arrived meanwhile is read, not
+        refused as late. At most ``MAX_PERIODS`` periods, plus whatever held the loop."""
         from redis.exceptions import RedisError
 
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(work)
         try:
-            deadline = loop.time() + self.timeout_s
-            await asyncio.wait({task}, timeout=self.timeout_s)
-            if not task.done() and loop.time() - deadline > self.timeout_s / 4:
+            for _ in range(self.MAX_PERIODS):
+                deadline = loop.time() + self.timeout_s
                 await asyncio.wait({task}, timeout=self.timeout_s)
+                if task.done() or loop.time() - deadline < self.timeout_s / 4:
+                    break  # answered, or the loop was free at the deadline: no answer is coming
             if task.done():
                 return task.result()
             reason = f"no answer within {self.timeout_s * 1000:.0f} ms"
