@@ -13,9 +13,9 @@ item.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -26,6 +26,22 @@ MAX_TEXT = 100
 MAX_WORDS = 8
 
 ExternalId = int | str
+
+
+def split_ids(item_ids: Mapping[str, int], ids: Sequence[ExternalId]) -> tuple[list[int], list[str]]:
+    """(internal ids of the known items of *ids* in order, the unknown ones as sent, as strings):
+    the one mapping of external item ids, for the planner and the catalogue alike."""
+    mapped = [item_ids.get(str(raw)) for raw in ids]
+    if None not in mapped:  # the usual case: every item known, one pass
+        return cast(list[int], mapped), []
+    known: list[int] = []
+    unknown: list[str] = []
+    for raw, internal in zip(ids, mapped, strict=True):
+        if internal is None:
+            unknown.append(str(raw))
+        else:
+            known.append(internal)
+    return known, unknown
 
 
 class CatalogueError(ValueError):
@@ -60,15 +76,8 @@ class Catalogue:
 
     def lookup(self, ids: Sequence[ExternalId]) -> tuple[list[Item], list[str]]:
         """The known items among *ids*, in order (repeats kept), and the unknown ids as strings."""
-        known: list[Item] = []
-        unknown: list[str] = []
-        for raw in ids:
-            internal = self.item_ids.get(str(raw))
-            if internal is None:
-                unknown.append(str(raw))
-            else:
-                known.append(self.item(internal))
-        return known, unknown
+        known, unknown = split_ids(self.item_ids, ids)
+        return [self.item(internal) for internal in known], unknown
 
     def search(self, text: str, limit: int) -> list[Item]:
         """Up to *limit* items matching *text* (the module docstring says how), best first."""

@@ -1,5 +1,5 @@
 """From a recommendation request in external ids to a ranking query, and from a ranking result back
-to the answer: the one implementation of id mapping, the request rules that depend on the model,
+to the answer: id mapping (``catalogue.split_ids``), the request rules that depend on the model,
 the popularity fallback and decoding. The HTTP service, the batch scorer and Spark all use it, so
 the same request gets the same answer whichever way it comes in.
 
@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
 from .artifact import Artifact
 from .attributes import FilterError, ItemAttributes
-from .catalogue import Catalogue
+from .catalogue import Catalogue, split_ids
 from .ranking import RankQuery, RankResult, popular_topk, popularity_order
 
 ExternalId = int | str
@@ -134,18 +134,7 @@ class Planner:
 
     def _split(self, ids: list[ExternalId]) -> tuple[list[int], list[str]]:
         """(internal ids of the known items in order, the unknown ones as sent)."""
-        mapped = [self.item_ids.get(str(raw)) for raw in ids]
-        if None not in mapped:  # the usual case: every item known, one pass
-            return cast(list[int], mapped), []
-        known: list[int] = []
-        unknown: list[str] = []
-        for raw in ids:
-            internal = self.item_ids.get(str(raw))
-            if internal is None:
-                unknown.append(str(raw))
-            else:
-                known.append(internal)
-        return known, unknown
+        return split_ids(self.item_ids, ids)
 
     def _restrict(self, plan: Plan, candidates: list[ExternalId] | None, filters: dict | None) -> Plan:
         """*plan* with the request's allow-lists: candidates in internal ids, filters normalised.
