@@ -63,7 +63,7 @@ MODEL_TAG = STARTED.tag
 _ATTRIBUTES = ItemAttributes.load(
     Path(STARTED.model.path), int(STARTED.model.info.metadata["item_count"]) + 1
 )
-BODIES = requests_for(_ATTRIBUTES.kinds() if _ATTRIBUTES else {})
+BODIES = requests_for(_ATTRIBUTES.kinds() if _ATTRIBUTES else {}, STARTED.routes.names())
 DEVICE = STARTED.device
 TRACING = STARTED.tracing
 _MODELS_BYTES = sum(loading.estimate(t) for t in {str(m.tag) for m in STARTED.models.values()})
@@ -200,7 +200,7 @@ class Recommender:
     def __init__(self) -> None:
         stored = self.stored_model
         self.metadata = dict(stored.info.metadata)
-        self.sessions = session_history(lambda: int(self.metadata["max_history_length"]))
+        self.sessions = session_history(self.longest_window)
         SESSIONS_APP.serve(self.sessions)
         warm = None
         if LAYOUT.split:
@@ -248,6 +248,10 @@ class Recommender:
             "recbole_recommender", SETTINGS.shutdown_grace_s, outlive_callers=False, drain_s=SETTINGS.drain_s
         )
         bentoml_compat.freeze_startup_objects()
+
+    def longest_window(self) -> int:
+        """The most history items any model of the routes in force reads: what a session keeps."""
+        return max(loaded.planner.window for loaded in self.path.registry.current.models.values())
 
     @bentoml.on_startup
     async def follow_routes(self) -> None:

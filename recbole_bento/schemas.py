@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -173,7 +173,6 @@ class RankedItems(BaseModel):
     model: str = Field(description="the stored model that answered (BentoML tag, name:version)")
     variant: str = Field(description='the routes\' variant that answered ("default" without routes)')
     retrieval: Literal["exact", "index"] = Field(
-        "exact",
         description='"index" when the model\'s retrieval index picked the candidates (their scores are '
         'still the exact ones; POST /model_info shows its measured recall), "exact" otherwise',
     )
@@ -306,11 +305,13 @@ class RequestModels:
     similar_items: type[SimilarItemsRequest]
 
 
-def requests_for(kinds: Mapping[str, str]) -> RequestModels:
+def requests_for(kinds: Mapping[str, str], variants: Sequence[str] = ()) -> RequestModels:
     """Request bodies whose published ``filters`` schema names exactly the served model's filterable
-    fields (*kinds*: name -> ``token``, ``token_seq`` or ``float``), so a body the OpenAPI document
-    allows is one the model answers. Validation is the same as the base models' (the planner checks
-    filters against the attributes); only the documented schema differs."""
+    fields (*kinds*: name -> ``token``, ``token_seq`` or ``float``) and whose ``variant`` is one of
+    the *variants* served at start-up, so a body the OpenAPI document allows is one the server
+    answers. Validation is the same as the base models' (the planner checks filters against the
+    attributes, the request path the variant against the routes in force); only the documented
+    schema differs."""
     schema = {
         "type": "object",
         "nullable": True,
@@ -319,11 +320,19 @@ def requests_for(kinds: Mapping[str, str]) -> RequestModels:
     }
     description = RecommendRequest.model_fields["filters"].description
     filters = (Annotated[dict[str, Any] | None, WithJsonSchema(schema)], Field(None, description=description))
-    recommend = create_model("RecommendRequest", __base__=RecommendRequest, filters=filters)
+    # OpenAPI 3.0: a nullable enum lists null among its values
+    pinned = {"type": "string", "nullable": True, **({"enum": [*variants, None]} if variants else {})}
+    variant = (
+        Annotated[VariantName, WithJsonSchema(pinned)],
+        Field(None, description=RecommendRequest.model_fields["variant"].description),
+    )
+    recommend = create_model("RecommendRequest", __base__=RecommendRequest, filters=filters, variant=variant)
     batch = create_model(
         "RecommendBatchRequest",
         __base__=RecommendBatchRequest,
         requests=(list[recommend], Field(description="/recommend bodies, answered in this order")),
     )
-    similar = create_model("SimilarItemsRequest", __base__=SimilarItemsRequest, filters=filters)
+    similar = create_model(
+        "SimilarItemsRequest", __base__=SimilarItemsRequest, filters=filters, variant=variant
+    )
     return RequestModels(recommend, batch, similar)

@@ -26,6 +26,8 @@ OURS = (
     "recbole_bento_rank_seconds",
     "recbole_bento_endpoint_requests_total",
     "recbole_bento_filter_selectivity",
+    "recbole_bento_shadow_overlap",
+    "recbole_bento_shadow_dropped_total",
 )
 
 
