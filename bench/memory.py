@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ["BENTOML_HOME"] = str(HOME)  # before bentoml is imported
 
-from devtools.local_server import free_port  # noqa: E402
+from devtools.local_server import local_server_process  # noqa: E402
 
 
 def register(name: str, directory: Path, n_items: int) -> str:
@@ -170,47 +170,22 @@ def measure(root: int) -> list[dict]:
 @contextlib.contextmanager
 def server(tree: Path, tag: str, workers: int, log: Path) -> Iterator[tuple[str, int]]:
     """``bentoml serve .`` from *tree* in its own session; yields (url, its pid) once /readyz is 200."""
-    port = free_port()
     env = {
-        **os.environ,
         "PYTHONPATH": str(tree),  # the tree's own package, whatever the venv's editable install says
         "BENTOML_HOME": str(HOME),
         "BENTOML_DO_NOT_TRACK": "true",
-        "RECBOLE_BENTO_MODEL": tag,
         "RECBOLE_BENTO_TOPOLOGY": "inprocess",
         "RECBOLE_BENTO_API_WORKERS": str(workers),
         "RECBOLE_BENTO_TORCH_THREADS": "1",
     }
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tree,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"not ready in 600 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url, proc.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
+    with contextlib.ExitStack() as stack:
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+            served = stack.enter_context(
+                local_server_process(tag, cwd=tree, env=env, ready_timeout=600, log_path=log)
+            )
+        except RuntimeError as exc:  # exited, or not ready in time: the reason and the log's tail
+            raise SystemExit(str(exc)) from None
+        yield served
 
 
 def exercise(url: str, n_items: int, calls: int = 300) -> None:

@@ -32,9 +32,27 @@ def local_server(
     ready_timeout: float = 180,
     log_path: Path | None = None,
 ) -> Iterator[str]:
-    """Serve *tag* from *cwd* on 127.0.0.1; yields the base URL once /readyz answers 200, stops
-    the whole process group (SIGTERM, then SIGKILL after 60 s) when the block ends. The server's
-    output goes to *log_path* (default: a temporary file)."""
+    """Serve *tag* from *cwd* on 127.0.0.1; yields the base URL once /readyz answers 200
+    (``local_server_process``, without the process)."""
+    with local_server_process(tag, cwd=cwd, env=env, ready_timeout=ready_timeout, log_path=log_path) as (
+        url,
+        _,
+    ):
+        yield url
+
+
+@contextlib.contextmanager
+def local_server_process(
+    tag: str,
+    *,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 180,
+    log_path: Path | None = None,
+) -> Iterator[tuple[str, int]]:
+    """Serve *tag* from *cwd* on 127.0.0.1; yields (the base URL, the `bentoml serve` pid) once
+    /readyz answers 200, stops the whole process group (SIGTERM, then SIGKILL after 60 s) when the
+    block ends. The server's output goes to *log_path* (default: a temporary file)."""
     port = free_port()
     own_log = log_path is None
     if log_path is None:
@@ -60,7 +78,7 @@ def local_server(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready in {ready_timeout}s:\n{Path(log.name).read_text()[-4000:]}")
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
